@@ -1,0 +1,9 @@
+"""adapterbank: keep LoRA adapters in a bank with task prototypes; retrieve, weigh and merge them exactly."""
+
+from __future__ import annotations
+
+from adapterbank.lora import LoraAdapter, LoraModule, combine, truncate
+
+__version__ = "0.1.0"
+
+__all__ = ["LoraAdapter", "LoraModule", "combine", "truncate", "__version__"]

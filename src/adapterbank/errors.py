@@ -1,0 +1,74 @@
+"""Every error adapterbank raises on purpose.
+
+Each class also inherits the matching built-in, so ``except ValueError`` keeps working for callers
+that do not know about adapterbank. Messages say which file, which key, what was expected and what was
+found: ``The 'rank' parameter of truncate must be a positive int. Got -3 instead.``
+"""
+
+from __future__ import annotations
+
+
+class AdapterbankError(Exception):
+    """Base class of all adapterbank errors."""
+
+
+class FormatError(AdapterbankError, ValueError):
+    """An adapter or prototype file is not in a format we understand (unknown key, bad header, ...)."""
+
+
+class UnsupportedAdapterError(FormatError):
+    """A valid file of a LoRA variant we refuse to merge (DoRA, lora_bias, modules_to_save, LoHa, ...)."""
+
+
+class UnsafeFileError(AdapterbankError, PermissionError):
+    """A file we will not read without an explicit opt-in (pickle), or a path/name that escapes."""
+
+
+class ShapeMismatchError(AdapterbankError, ValueError):
+    """Tensors or prototypes whose shapes do not agree (rank, d_in/d_out, prototype dim)."""
+
+
+class BaseModelMismatchError(AdapterbankError, ValueError):
+    """Adapters (or an adapter and a model) made for different base models."""
+
+
+class PrototypeSpaceError(AdapterbankError, ValueError):
+    """Prototypes from different prototype spaces (encoder, pooling, normalisation, dim) were mixed."""
+
+
+class NonFiniteError(AdapterbankError, ValueError):
+    """NaN or Inf in weights, prototypes or solver inputs."""
+
+
+class UnknownNameError(AdapterbankError, KeyError):
+    """An unknown strategy, format, adapter id, ... The message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidNameError(AdapterbankError, ValueError):
+    """An id or name with a path separator, ``..``, NUL, a leading dot/dash or absurd length."""
+
+
+class BankError(AdapterbankError, RuntimeError):
+    """The bank directory is missing, locked, of a newer format, or damaged."""
+
+
+class IntegrityError(BankError):
+    """A blob's content no longer matches its hash, or the catalog points at a missing blob."""
+
+
+class ConflictError(BankError):
+    """Two writers changed the same entry; the loser gets this and nothing else is lost."""
+
+
+class SolverError(AdapterbankError, ArithmeticError):
+    """A weight solver could not produce an answer (should not happen for finite inputs)."""
+
+
+class EncoderError(AdapterbankError, ValueError):
+    """An encoder could not be loaded or returned unusable features."""
+
+
+__all__ = [n for n in dir() if n.endswith("Error")]
