@@ -17,6 +17,33 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 1
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=-]*$")
 
 
+def validate_file_name(name: object, what: str = "file name") -> str:
+    """Return ``name`` if it is safe as one file-name component (looser than :func:`validate_name`).
+
+    Spaces, brackets and non-ASCII letters are fine (``"Watercolor Style (v2).safetensors"``); refused are
+    non-strings, empty, ``.``/``..``, NUL and other control characters, ``/`` or ``\\``, and names over 200
+    characters.
+
+    >>> validate_file_name("my style [v2].safetensors")
+    'my style [v2].safetensors'
+    >>> validate_file_name("../x.safetensors")
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.InvalidNameError: The file name '../x.safetensors' is not allowed: it contains '..' or a path separator.
+    """
+    if not isinstance(name, str):
+        raise InvalidNameError(f"The {what} must be a string. Got {type(name).__name__} instead.")
+    if not name or name in (".", ".."):
+        raise InvalidNameError(f"The {what} {name!r} is not a file name.")
+    if len(name) > MAX_NAME_LEN:
+        raise InvalidNameError(f"The {what} is {len(name)} characters long; the limit is {MAX_NAME_LEN}.")
+    if "/" in name or "\\" in name or ".." in name:
+        raise InvalidNameError(f"The {what} {name!r} is not allowed: it contains '..' or a path separator.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidNameError(f"The {what} {name!r} contains a NUL byte or another control character.")
+    return name
+
+
 def validate_name(name: object, what: str = "id") -> str:
     """Return ``name`` if it is safe as a file-system component and an id; raise otherwise.
 

@@ -71,4 +71,16 @@ class EncoderError(AdapterbankError, ValueError):
     """An encoder could not be loaded or returned unusable features."""
 
 
+class ParameterError(AdapterbankError, ValueError):
+    """A parameter is out of its valid range or of the wrong type (k, rank, batch size, λ, τ, ...)."""
+
+
+class EvaluationError(AdapterbankError, RuntimeError):
+    """A user-supplied evaluator failed or returned something that is not ``{metric: finite float}``."""
+
+
+class OutputExistsError(AdapterbankError, FileExistsError):
+    """The output path already exists and overwriting was not asked for."""
+
+
 __all__ = [n for n in dir() if n.endswith("Error")]

@@ -222,7 +222,11 @@ def combine(
         if not used:
             continue  # ΔW* = 0 on this module
         B = torch.cat([m.B.to(cdt) for _, m in used], dim=1)  # (n_out, R)
-        A = torch.cat([(wi * m.scale) * m.A.to(cdt) for wi, m in used], dim=0)  # (R, n_in)
+        A = torch.empty(sum(m.rank for _, m in used), ref.A.shape[1], dtype=cdt)  # (R, n_in), one copy
+        off = 0
+        for wi, m in used:
+            torch.mul(m.A.to(cdt), wi * m.scale, out=A[off:off + m.rank])
+            off += m.rank
         out[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
     base = next(iter(bases)) if len(bases) == 1 else None
     return LoraAdapter(out, base, {})
@@ -233,7 +237,7 @@ def _truncate_module(m: LoraModule, rank: int, cdt: torch.dtype) -> tuple[LoraMo
     A = m.A.to(cdt)  # (R, n_in)
     q1, r1 = torch.linalg.qr(B)  # (n_out, R1), (R1, R)
     q2, r2 = torch.linalg.qr(A.T)  # (n_in, R2), (R2, R)
-    u, s, vh = torch.linalg.svd(r1 @ r2.T)  # core (R1, R2)
+    u, s, vh = torch.linalg.svd(r1 @ r2.T, full_matrices=False)  # core (R1, R2)
     total = float(torch.sum(s.double() ** 2))
     kept = float(torch.sum(s[:rank].double() ** 2))
     err = math.sqrt(max(total - kept, 0.0) / total) if total > 0 else 0.0
