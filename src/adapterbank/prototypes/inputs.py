@@ -1,0 +1,259 @@
+"""Streamed inputs for prototypes: files, image folders, lists and plain descriptions, in batches.
+
+Nothing here loads a whole file: JSONL and CSV are read line by line, Parquet through pyarrow's
+``iter_batches``, an image folder one image at a time. A text column is ``column`` or the first of
+:data:`TEXT_COLUMNS` that the file has; a missing column is a :class:`FormatError` naming the file and
+the columns it does have.
+
+| source | items |
+|---|---|
+| ``*.jsonl`` / ``*.ndjson`` | the text column of each JSON object (or the line itself if it is a JSON string) |
+| ``*.csv`` / ``*.tsv`` | the text column of each row |
+| ``*.parquet`` / ``*.pq`` | the text column of each row |
+| ``*.txt`` | each non-empty line |
+| a folder | its images (.png .jpg .jpeg .bmp .webp), sorted by name, as RGB PIL images |
+| a list / iterable | its items (mappings: their text column) |
+| any other string | itself: one text (a task description) |
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from adapterbank.errors import EncoderError, FormatError
+
+__all__ = ["iter_batches", "iter_items", "describe_source", "TEXT_COLUMNS", "IMAGE_SUFFIXES", "DATA_SUFFIXES"]
+
+TEXT_COLUMNS = ("text", "prompt", "sentence", "input", "question")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+_JSONL = (".jsonl", ".ndjson")
+_CSV = (".csv", ".tsv")
+_PARQUET = (".parquet", ".pq")
+_TXT = (".txt",)
+DATA_SUFFIXES = _JSONL + _CSV + _PARQUET + _TXT
+
+
+def _pick_column(columns: list[str], column: str | None, where: str) -> str:
+    if column is not None:
+        if column not in columns:
+            raise FormatError(f"{where}: no column {column!r}. It has columns {columns}.")
+        return column
+    for c in TEXT_COLUMNS:
+        if c in columns:
+            return c
+    raise FormatError(f"{where}: no text column; expected one of {list(TEXT_COLUMNS)} or column=. "
+                      f"It has columns {columns}.")
+
+
+def _check_value(v: Any, col: str, where: str) -> Any:
+    if v is None:
+        raise FormatError(f"{where}: column {col!r} is empty (null).")
+    return v
+
+
+def _looks_like_path(s: str) -> bool:
+    """A string with no whitespace that has a path separator or a data/image suffix."""
+    if not s or any(c.isspace() for c in s):
+        return False
+    return os.sep in s or "/" in s or s.lower().endswith(DATA_SUFFIXES + IMAGE_SUFFIXES)
+
+
+def _jsonl_items(path: Path, column: str | None) -> Iterator[Any]:
+    col: str | None = None
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise FormatError(f"{where}: not valid JSON ({e}).") from e
+            if isinstance(rec, str) and column is None:
+                yield rec
+                continue
+            if not isinstance(rec, dict):
+                raise FormatError(f"{where}: expected a JSON object (or a string). Got {type(rec).__name__}.")
+            if col is None:
+                col = _pick_column(list(rec), column, where)
+            if col not in rec:
+                raise FormatError(f"{where}: no column {col!r}. It has columns {list(rec)}.")
+            yield _check_value(rec[col], col, where)
+
+
+def _csv_items(path: Path, column: str | None) -> Iterator[Any]:
+    delim = "\t" if path.suffix.lower() == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter=delim)
+        try:
+            header = reader.fieldnames
+        except csv.Error as e:
+            raise FormatError(f"{path}: not a valid CSV header ({e}).") from e
+        if not header:
+            return
+        col = _pick_column(list(header), column, str(path))
+        try:
+            for row in reader:
+                yield _check_value(row.get(col), col, f"{path}, line {reader.line_num}")
+        except csv.Error as e:
+            raise FormatError(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from e
+
+
+def _parquet_items(path: Path, column: str | None, read_rows: int) -> Iterator[Any]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise FormatError(f"{path}: reading Parquet needs pyarrow (pip install 'adapterbank[data]').") from e
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a bad file
+        raise FormatError(f"{path}: not a valid Parquet file ({e}).") from e
+    col = _pick_column(list(pf.schema_arrow.names), column, str(path))
+    for rb in pf.iter_batches(batch_size=max(1, read_rows), columns=[col]):
+        for v in rb.column(0).to_pylist():
+            yield _check_value(v, col, str(path))
+
+
+def _txt_items(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield line.rstrip("\r\n")
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+
+
+def _image_items(folder: Path) -> Iterator[Any]:
+    from PIL import Image
+
+    for p in _image_files(folder):
+        try:
+            with Image.open(p) as im:
+                yield im.convert("RGB")
+        except OSError as e:
+            raise FormatError(f"{p}: not a readable image ({e}).") from e
+
+
+def _record_items(items: Iterable[Any], column: str | None) -> Iterator[Any]:
+    col: str | None = None
+    for i, x in enumerate(items):
+        if isinstance(x, Mapping):
+            where = f"item {i} of the input"
+            if col is None:
+                col = _pick_column(list(x), column, where)
+            if col not in x:
+                raise FormatError(f"{where}: no column {col!r}. It has columns {list(x)}.")
+            yield _check_value(x[col], col, where)
+        else:
+            yield x
+
+
+def _file_items(path: Path, column: str | None, read_rows: int) -> Iterator[Any]:
+    suf = path.suffix.lower()
+    if suf in _JSONL:
+        return _jsonl_items(path, column)
+    if suf in _CSV:
+        return _csv_items(path, column)
+    if suf in _PARQUET:
+        return _parquet_items(path, column, read_rows)
+    if suf in _TXT:
+        return _txt_items(path)
+    if suf in IMAGE_SUFFIXES:
+        return _image_items_one(path)
+    raise FormatError(f"{path}: unknown input file type {suf!r}; expected one of "
+                      f"{list(DATA_SUFFIXES + IMAGE_SUFFIXES)} or a folder of images.")
+
+
+def _image_items_one(path: Path) -> Iterator[Any]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            yield im.convert("RGB")
+    except OSError as e:
+        raise FormatError(f"{path}: not a readable image ({e}).") from e
+
+
+def iter_items(source: Any, *, column: str | None = None, read_rows: int = 1024) -> Iterator[Any]:
+    """The items of ``source`` one at a time (see the module docstring for what a source can be).
+
+    >>> list(iter_items([{"text": "a"}, {"text": "b"}]))
+    ['a', 'b']
+    >>> list(iter_items("a short task description"))
+    ['a short task description']
+    """
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if p.is_dir():
+            return _image_items(p)
+        if p.is_file():
+            return _file_items(p, column, read_rows)
+        if isinstance(source, str) and not _looks_like_path(source):
+            if not source.strip():
+                return iter(())
+            return iter([source])
+        raise FileNotFoundError(f"Input {os.fspath(source)!r} does not exist (expected a file, a folder of images, "
+                                f"or a text description with spaces).")
+    if isinstance(source, (bytes, bytearray)):
+        raise FormatError("A bytes object is not an input; decode it to text or pass a file path.")
+    try:
+        from PIL import Image
+
+        if isinstance(source, Image.Image):
+            return iter([source])
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(source, Mapping):
+        raise FormatError(f"A mapping is not an input; pass a list of records. Got keys {list(source)[:10]}.")
+    if isinstance(source, Iterable):
+        return _record_items(source, column)
+    raise FormatError(f"Cannot read samples from a {type(source).__name__}: expected a JSONL/CSV/Parquet/TXT file, "
+                      "a folder of images, a list or iterable of items, or a text description.")
+
+
+def iter_batches(source: Any, batch_size: int, *, column: str | None = None,
+                 limit: int | None = None) -> Iterator[list[Any]]:
+    """Lists of at most ``batch_size`` items from ``source``, streamed; at most ``limit`` items in all.
+
+    >>> list(iter_batches(["a", "b", "c", "d", "e"], 2, limit=3))
+    [['a', 'b'], ['c']]
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise EncoderError(f"The 'batch_size' parameter of iter_batches must be a positive int. Got {batch_size!r}.")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise EncoderError(f"The 'limit' parameter of iter_batches must be a non-negative int or None. Got {limit!r}.")
+    items = iter_items(source, column=column, read_rows=batch_size)
+    if limit is not None:
+        items = itertools.islice(items, limit)
+    while batch := list(itertools.islice(items, batch_size)):
+        yield batch
+
+
+def describe_source(source: Any, column: str | None = None) -> str:
+    """A short description of ``source`` for a prototype's ``source`` field.
+
+    >>> describe_source(["x", "y"])
+    '2 inline items'
+    >>> describe_source("summarise legal contracts")
+    'description: summarise legal contracts'
+    """
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source).expanduser()
+        if p.is_dir():
+            return f"{p} (images)"
+        if p.exists():
+            return f"{p}" + (f" [column={column}]" if column else "")
+        s = os.fspath(source)
+        return f"description: {s if len(s) <= 120 else s[:117] + '...'}"
+    if isinstance(source, (list, tuple)):
+        return f"{len(source)} inline items"
+    return f"{type(source).__name__} of items"
