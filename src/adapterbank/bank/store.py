@@ -1,0 +1,779 @@
+"""The embedded bank: a SQLite catalog of cards and prototypes plus content-addressed safetensors blobs.
+
+Layout of a bank directory (DESIGN.md §5)::
+
+    <bank>/catalog.sqlite          cards, file hashes, prototypes, format_version, version counter
+    <bank>/blobs/<sha[:2]>/<sha>   the original adapter files, bit for bit, read-only
+    <bank>/tmp/                    staging of adds in progress (and leftovers of crashed ones)
+
+An :meth:`Bank.add` validates the adapter completely before it changes anything: the files are copied
+into a private staging folder (hashing them on the way) and *those bytes* are parsed by
+:func:`adapterbank.formats.read_adapter`. Then the blobs get their final names, and one SQLite
+transaction inserts the card, the file rows and the prototype. A crash leaves either the whole entry
+or orphan blobs that :meth:`Bank.verify` reports and :meth:`Bank.gc` deletes; a committed row never
+points at a missing blob (the writer re-checks its blobs while it holds the write lock, and blobs are
+only deleted under that lock).
+
+Search: one exact :class:`~adapterbank.bank.index.NumpyIndex` per prototype space, built lazily and
+rebuilt when the catalog ``version`` (bumped by every write, of any process) has moved.
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime as _dt
+import json
+import logging
+import re
+import sqlite3
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from adapterbank._io import atomic_write, validate_file_name, validate_name
+from adapterbank.bank.blobs import BlobStore, Staging
+from adapterbank.bank.catalog import CATALOG, FORMAT_VERSION, Catalog
+from adapterbank.bank.index import MAX_K, Hit, Index, NumpyIndex, check_k
+from adapterbank.errors import (
+    BankError,
+    BaseModelMismatchError,
+    ConflictError,
+    FormatError,
+    InvalidNameError,
+    NonFiniteError,
+    PrototypeSpaceError,
+    ShapeMismatchError,
+    UnknownNameError,
+    UnsafeFileError,
+)
+from adapterbank.lora import LoraAdapter
+from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION"]
+
+BLOBS = "blobs"
+TMP = "tmp"
+MAX_TAGS = 64
+MAX_TAG_LEN = 100
+MAX_TEXT_LEN = 100_000
+_PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+_CARD_COLUMNS = ("id", "base_model", "format", "rank", "ranks", "targets", "source", "description", "license",
+                 "tags", "created", "versions", "extra")
+
+
+@dataclass(frozen=True)
+class Card:
+    """What the bank knows about one adapter (a row of the catalog, plus its files and prototype spaces).
+
+    >>> c = Card("a", "tiny-llama", "peft", 4, {"q": 4}, ["q"], None, None, None, ["x"], "2025-01-01T00:00:00+00:00",
+    ...          {}, {}, {"adapter_model.safetensors": "ab" * 32}, [])
+    >>> c.to_dict()["rank"], c.to_dict()["files"]["adapter_model.safetensors"][:4]
+    (4, 'abab')
+    """
+
+    id: str
+    base_model: str | None
+    format: str
+    rank: int
+    ranks: dict[str, int]
+    targets: list[str]
+    source: str | None
+    description: str | None
+    license: str | None
+    tags: list[str]
+    created: str
+    versions: dict[str, str]
+    extra: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+    prototype_spaces: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :meth:`Bank.verify`. Orphans (blobs no row points at, crashed writers' temp files)
+    are waste, not damage: they do not make ``ok`` false; :meth:`Bank.gc` deletes them."""
+
+    ok: bool
+    checked: int
+    problems: list[str]
+    orphans: list[str] = field(default_factory=list)
+
+
+def _versions() -> dict[str, str]:
+    """Versions recorded on every card (read from package metadata: importing peft takes seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import adapterbank
+
+    out = {"adapterbank": adapterbank.__version__, "numpy": np.__version__}
+    for pkg in ("torch", "safetensors", "peft"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover - all are dependencies
+            pass
+    return out
+
+
+def _slug(path: Path) -> str:
+    """A default id from a file or folder name: extension dropped, odd characters replaced by '-'."""
+    name = path.name
+    for suf in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+        if name.endswith(suf) and len(name) > len(suf):
+            name = name[: -len(suf)]
+    s = re.sub(r"[^A-Za-z0-9._+@=-]+", "-", name)
+    s = re.sub(r"\.{2,}", ".", s).lstrip(".-_+@=")
+    return s[:200] or "adapter"
+
+
+def _check_text(value: object, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FormatError(f"The {what!r} of an adapter must be a string. Got {type(value).__name__} instead.")
+    if len(value) > MAX_TEXT_LEN or "\x00" in value:
+        raise FormatError(f"The {what!r} of an adapter must be under {MAX_TEXT_LEN} characters without NUL bytes.")
+    return value
+
+
+def _check_tags(tags: Sequence[str] | str | None) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    out: list[str] = []
+    for t in tags:
+        if not isinstance(t, str) or not t.strip() or len(t) > MAX_TAG_LEN or any(ord(ch) < 32 for ch in t):
+            raise InvalidNameError(
+                f"A tag must be a non-empty string of at most {MAX_TAG_LEN} printable characters. Got {t!r} instead."
+            )
+        if t not in out:
+            out.append(t)
+    if len(out) > MAX_TAGS:
+        raise InvalidNameError(f"An adapter may carry at most {MAX_TAGS} tags. Got {len(out)}.")
+    return out
+
+
+def _check_rel_name(name: str, where: str) -> str:
+    """A file name inside an adapter: relative, '/'-separated, every component a safe name."""
+    parts = PurePosixPath(name).parts
+    if not parts or name.startswith("/") or "\\" in name:
+        raise InvalidNameError(f"{where}: file name {name!r} must be a relative path.")
+    for p in parts:
+        validate_file_name(p, "file name")
+    return "/".join(parts)
+
+
+def _card_from_row(row: Sequence[Any], files: dict[str, str], spaces: list[str]) -> Card:
+    r = dict(zip(_CARD_COLUMNS, row, strict=True))
+    for k in ("ranks", "targets", "tags", "versions", "extra"):
+        r[k] = json.loads(r[k])
+    return Card(**r, files=files, prototype_spaces=spaces)
+
+
+def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[str(k)] = v
+    return out
+
+
+class Bank:
+    """A bank of LoRA adapters with task prototypes, stored in one directory.
+
+    >>> import tempfile, torch
+    >>> from adapterbank.lora import LoraModule
+    >>> bank = Bank.init(tempfile.mkdtemp() + "/bank")
+    >>> space = PrototypeSpace("toy", None, "mean", False, 2)
+    >>> for i, v in enumerate([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]]):
+    ...     ad = LoraAdapter({"fc": LoraModule(torch.ones(1, 3) * (i + 1), torch.ones(2, 1), 1.0, (2, 3))})
+    ...     _ = bank.add(ad, id=f"a{i}", base_model="toy-base", prototype=Prototype(np.array(v), space))
+    >>> [(h.id, round(h.distance, 4)) for h in bank.search(np.array([0.9, 0.0]), k=2)]
+    [('a1', 0.01), ('a0', 0.81)]
+    >>> bank.load_adapter("a2").modules["fc"].A[0, 0].item(), bank.verify().ok
+    (3.0, True)
+    """
+
+    #: The :class:`~adapterbank.bank.index.Index` built per prototype space (swap in an ANN backend here).
+    index_factory: Callable[[], Index] = NumpyIndex
+
+    def __init__(self, root: Path, catalog: Catalog) -> None:
+        self.root = root
+        self._cat = catalog
+        self._blobs = BlobStore(root / BLOBS, root / TMP)
+        self._indexes: dict[str, tuple[int, Index]] = {}
+        self._spaces_cache: tuple[int, dict[str, PrototypeSpace]] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: str | Path) -> Bank:
+        """Create an empty bank in ``path`` (a new or empty directory).
+
+        >>> import tempfile
+        >>> Bank.init(tempfile.mkdtemp()).list()
+        []
+        """
+        root = Path(path)
+        if (root / CATALOG).exists():
+            raise BankError(f"{root} is already a bank; open it with Bank.open.")
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise BankError(f"Cannot create a bank in {root}: it exists and is not an empty directory.")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / BLOBS).mkdir(exist_ok=True)
+        (root / TMP).mkdir(exist_ok=True)
+        cat = Catalog.create(root / CATALOG)
+        log.info("created bank at %s (format_version %d)", root, FORMAT_VERSION)
+        return cls(root, cat)
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bank:
+        """Open an existing bank; :class:`BankError` if it is missing, not a bank or of a newer format.
+
+        >>> import tempfile
+        >>> Bank.open(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        adapterbank.errors.BankError: ... is not a bank: it has no catalog.sqlite.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise BankError(f"No bank at {root}: the directory does not exist.")
+        if not (root / CATALOG).is_file():
+            raise BankError(f"{root} is not a bank: it has no {CATALOG}.")
+        bank = cls(root, Catalog.open(root / CATALOG))
+        (root / BLOBS).mkdir(exist_ok=True)
+        (root / TMP).mkdir(exist_ok=True)
+        return bank
+
+    def close(self) -> None:
+        self._cat.close()
+
+    def __enter__(self) -> Bank:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Bank({str(self.root)!r})"
+
+    @property
+    def version(self) -> int:
+        """The catalog version: increases with every committed write, by any process."""
+        return self._cat.version()
+
+    def __len__(self) -> int:
+        with self._cat.lock:
+            return int(self._cat.conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0])
+
+    def __contains__(self, id: object) -> bool:  # noqa: A002
+        if not isinstance(id, str):
+            return False
+        with self._cat.lock:
+            return self._cat.conn.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
+
+    # -- adding -----------------------------------------------------------------------------------
+    def add(
+        self,
+        source: str | Path | LoraAdapter,
+        *,
+        id: str | None = None,  # noqa: A002
+        prototype: Prototype | None = None,
+        description: str | None = None,
+        tags: Sequence[str] = (),
+        license: str | None = None,  # noqa: A002
+        source_url: str | None = None,
+        base_model: str | None = None,
+        format: str | None = None,  # noqa: A002
+        allow_pickle: bool = False,
+        replace: bool = False,
+    ) -> Card:
+        """Add an adapter (a PEFT/diffusers folder, a kohya file, or a :class:`LoraAdapter`) to the bank.
+
+        Everything is validated before the bank changes: the id (default: a slug of the file or folder
+        name), tags, the prototype, every tensor (by :func:`adapterbank.formats.read_adapter` on the very
+        bytes that will be stored), the base model (``base_model=`` must agree with the adapter's own).
+        The original files are stored bit for bit; a :class:`LoraAdapter` is stored as PEFT files, and a
+        legacy pickle file (only with ``allow_pickle=True``) is stored converted to PEFT safetensors.
+        An existing id raises :class:`ConflictError` unless ``replace=True``. See the class docstring
+        for an example.
+        """
+        from adapterbank import formats
+
+        if id is not None:
+            validate_name(id)
+        tag_list = _check_tags(tags)
+        description = _check_text(description, "description")
+        license = _check_text(license, "license")
+        source_url = _check_text(source_url, "source_url")
+        base_model = _check_text(base_model, "base_model")
+        if prototype is not None and not isinstance(prototype, Prototype):
+            raise FormatError(f"The 'prototype' of add must be a Prototype. Got {type(prototype).__name__} instead.")
+        if format is not None and format not in formats.FORMATS:
+            raise UnknownNameError(f"Unknown adapter format {format!r}; valid formats are {list(formats.FORMATS)}.")
+        if isinstance(source, LoraAdapter):
+            if id is None:
+                raise InvalidNameError("An 'id' is required when adding a LoraAdapter object (it has no file name).")
+            src_path: Path | None = None
+        elif isinstance(source, (str, Path)):
+            src_path = Path(source)
+            if not src_path.exists():
+                raise FileNotFoundError(f"No adapter at {src_path}.")
+            id = id if id is not None else validate_name(_slug(src_path.resolve()))
+        else:
+            raise FormatError(f"add() takes a path or a LoraAdapter. Got {type(source).__name__} instead.")
+        if not replace and id in self:
+            raise ConflictError(f"The bank already has an adapter with id {id!r}; pass replace=True to replace it.")
+
+        with self._blobs.staging() as st:
+            if isinstance(source, LoraAdapter):
+                bm_given = self._resolve_base_model(source.base_model, base_model, id)
+                fmt, layout, staged, adapter = self._stage_object(st, source, bm_given)
+            else:
+                fmt, layout, staged, adapter = self._stage_path(st, src_path, format, allow_pickle)
+            converted = adapter.metadata.pop("converted_from", None) is not None
+            extra: dict[str, Any] = {"layout": layout, "metadata": _jsonable(adapter.metadata)}
+            if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
+                # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
+                bm_conv = self._resolve_base_model(adapter.base_model, base_model, src_path)
+                _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub="conv")
+                extra.update(converted_from=fmt, layout="dir")
+                fmt = "peft"
+            bm = self._resolve_base_model(adapter.base_model, base_model, src_path or id)
+            ranks = adapter.ranks
+            if not ranks:
+                raise FormatError(f"{src_path or id}: the adapter has no LoRA modules.")
+            extra["size"] = sum(s for _, _, s in staged.values())
+            extra["n_params"] = adapter.n_params
+            row = {
+                "id": id, "base_model": bm, "format": fmt, "rank": max(ranks.values()),
+                "ranks": json.dumps(ranks, sort_keys=True), "targets": json.dumps(sorted(ranks)),
+                "source": source_url if source_url is not None else (str(src_path.resolve()) if src_path else None),
+                "description": description, "license": license, "tags": json.dumps(tag_list),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "versions": json.dumps(_versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
+            }
+            # Blobs get their final names first (outside the lock), then one transaction commits the entry.
+            for p, sha, size in staged.values():
+                self._blobs.place(p, sha, st.token)
+            with self._cat.write() as c:
+                exists = c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
+                if exists and not replace:
+                    raise ConflictError(
+                        f"The bank already has an adapter with id {id!r} (added concurrently); pass replace=True."
+                    )
+                for p, sha, size in staged.values():  # a concurrent gc may have removed a blob we placed
+                    if not self._blobs.exists(sha, size):
+                        self._blobs.place(p, sha, st.token)
+                if exists:
+                    c.execute("DELETE FROM adapters WHERE id = ?", (id,))
+                c.execute(f"INSERT INTO adapters({', '.join(_CARD_COLUMNS)}) VALUES ({', '.join('?' * 13)})",
+                          [row[k] for k in _CARD_COLUMNS])
+                c.executemany("INSERT INTO files(adapter_id, name, sha256, size) VALUES (?, ?, ?, ?)",
+                              [(id, rel, sha, size) for rel, (_, sha, size) in staged.items()])
+                if prototype is not None:
+                    self._insert_prototype(c, id, prototype)
+                self._cat.bump(c)
+        log.info("added %s (%s, base %s, rank %d, %d files)", id, fmt, bm, row["rank"], len(staged))
+        if exists:
+            self._delete_unreferenced()
+        return self.get(id)
+
+    @staticmethod
+    def _stage_path(st: Staging, src: Path, format: str | None,  # noqa: A002
+                    allow_pickle: bool) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
+        """Copy the adapter's original files into staging (hashing them) and parse *those* bytes."""
+        from adapterbank import formats
+
+        fmt = format
+        if fmt is None:
+            try:
+                fmt = formats.detect_format(src)
+            except UnsafeFileError:
+                if not allow_pickle:
+                    raise
+                # A legacy pickle: its format is only known after the sandboxed conversion below. Stage the
+                # file under its own name ("kohya" and "diffusers" both take the single weights file).
+        files = formats.adapter_files(src, fmt or "kohya")
+        layout = "file" if src.is_file() and fmt != "peft" else "dir"
+        if fmt == "peft" and src.is_file():
+            src = src.parent  # adapter_config.json given: the adapter is its folder
+        staged = {}
+        for rel, p in files.items():
+            rel = _check_rel_name(rel, str(src))
+            staged[rel] = st.stage_file(Path(p), f"files/{rel}")
+        read_root = st.dir / "files" / (src.name if layout == "file" else "")
+        adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
+        adapter.check_finite()
+        fmt = fmt or str(adapter.metadata.get("format", "kohya"))
+        return fmt, layout, staged, adapter
+
+    @staticmethod
+    def _stage_object(st: Staging, adapter: LoraAdapter, base_model: str | None, sub: str = "files",
+                      ) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
+        """Write ``adapter`` as PEFT files into staging and read them back (what load_adapter will see)."""
+        from adapterbank import formats
+
+        out = st.dir / f"{sub}-written"
+        formats.write_adapter(adapter, out, format="peft", base_model=base_model)
+        staged = {}
+        for rel, p in formats.adapter_files(out, "peft").items():
+            rel = _check_rel_name(rel, str(out))
+            staged[rel] = st.stage_file(p, f"{sub}/{rel}")
+        back = formats.read_adapter(st.dir / sub, format="peft")
+        back.check_finite()
+        return "peft", "dir", staged, back
+
+    @staticmethod
+    def _resolve_base_model(from_adapter: str | None, given: str | None, where: object) -> str | None:
+        if given is not None and from_adapter and given != from_adapter:
+            raise BaseModelMismatchError(
+                f"{where}: the adapter says its base model is {from_adapter!r} but base_model={given!r} was given."
+            )
+        return given if given is not None else (from_adapter or None)
+
+    @staticmethod
+    def _insert_prototype(c: sqlite3.Connection, id: str, p: Prototype) -> None:  # noqa: A002
+        vec = np.ascontiguousarray(p.vector, dtype="<f4")
+        if not np.isfinite(vec).all():
+            raise NonFiniteError(f"The prototype of {id!r} contains NaN or Inf.")
+        c.execute(
+            "INSERT OR REPLACE INTO prototypes(adapter_id, space_key, space, dim, vector, n_samples, source, extra) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, p.space.key, json.dumps(p.space.to_dict(), sort_keys=True), p.dim, vec.tobytes(),
+             int(p.n_samples), p.source, json.dumps(_jsonable(p.extra), sort_keys=True)),
+        )
+
+    # -- reading cards ----------------------------------------------------------------------------
+    def get(self, id: str) -> Card:  # noqa: A002
+        """The card of adapter ``id``; :class:`UnknownNameError` if there is none."""
+        with self._cat.read() as c:
+            row = c.execute(f"SELECT {', '.join(_CARD_COLUMNS)} FROM adapters WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                raise self._unknown(c, id)
+            files = dict(c.execute("SELECT name, sha256 FROM files WHERE adapter_id = ? ORDER BY name", (id,)))
+            spaces = [r[0] for r in c.execute(
+                "SELECT space_key FROM prototypes WHERE adapter_id = ? ORDER BY space_key", (id,))]
+        return _card_from_row(row, files, spaces)
+
+    @staticmethod
+    def _unknown(c: sqlite3.Connection, id: object) -> UnknownNameError:  # noqa: A002
+        ids = [r[0] for r in c.execute("SELECT id FROM adapters ORDER BY id LIMIT 21")]
+        more = ", ..." if len(ids) > 20 else ""
+        return UnknownNameError(f"No adapter with id {id!r} in the bank; it has {ids[:20]}{more}.")
+
+    def list(
+        self, *, base_model: str | None = None, tags: Sequence[str] | None = None,
+        space: PrototypeSpace | str | None = None,
+    ) -> builtins.list[Card]:
+        """Cards sorted by id, optionally only those of ``base_model``, carrying all ``tags``, or having a
+        prototype in ``space``.
+
+        >>> import tempfile
+        >>> Bank.init(tempfile.mkdtemp()).list(base_model="x' OR 1=1 --")
+        []
+        """
+        where, params = [], []
+        if base_model is not None:
+            where.append("a.base_model = ?")
+            params.append(base_model)
+        if space is not None:
+            where.append("a.id IN (SELECT adapter_id FROM prototypes WHERE space_key = ?)")
+            params.append(space.key if isinstance(space, PrototypeSpace) else str(space))
+        sql = f"SELECT {', '.join('a.' + k for k in _CARD_COLUMNS)} FROM adapters a"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        want = set(_check_tags(tags)) if tags else set()
+        with self._cat.read() as c:
+            rows = c.execute(sql + " ORDER BY a.id", params).fetchall()
+            files: dict[str, dict[str, str]] = {}
+            for aid, name, sha in c.execute("SELECT adapter_id, name, sha256 FROM files ORDER BY adapter_id, name"):
+                files.setdefault(aid, {})[name] = sha
+            spaces: dict[str, builtins.list[str]] = {}
+            for aid, key in c.execute("SELECT adapter_id, space_key FROM prototypes ORDER BY adapter_id, space_key"):
+                spaces.setdefault(aid, []).append(key)
+        cards = [_card_from_row(r, files.get(r[0], {}), spaces.get(r[0], [])) for r in rows]
+        return [cd for cd in cards if want <= set(cd.tags)]
+
+    def remove(self, id: str) -> None:  # noqa: A002
+        """Delete adapter ``id`` (card, files, prototypes) and the blobs no other adapter uses."""
+        with self._cat.write() as c:
+            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
+                raise self._unknown(c, id)
+            c.execute("DELETE FROM adapters WHERE id = ?", (id,))
+            self._cat.bump(c)
+        log.info("removed %s", id)
+        self._delete_unreferenced()
+
+    def _delete_unreferenced(self) -> int:
+        """Delete blobs no file row points at, under the write lock (so no add can be committing them)."""
+        n = 0
+        with self._cat.write() as c:
+            used = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM files")}
+            for sha in builtins.list(self._blobs.iter_blobs()):
+                if sha not in used and self._blobs.delete(sha):
+                    n += 1
+        return n
+
+    # -- adapters out -----------------------------------------------------------------------------
+    def _copy_files(self, card: Card, dst: Path) -> None:
+        for rel, sha in card.files.items():
+            self._blobs.copy_verified(sha, dst / rel, what=f"adapter {card.id!r} (file {rel!r})")
+
+    def load_adapter(self, id: str) -> LoraAdapter:  # noqa: A002
+        """Read adapter ``id`` from its blobs (every byte re-hashed: :class:`IntegrityError` on damage)."""
+        from adapterbank import formats
+
+        card = self.get(id)
+        with tempfile.TemporaryDirectory(prefix="adapterbank-load-") as tmp:
+            root = Path(tmp)
+            self._copy_files(card, root)
+            target = root
+            if card.extra.get("layout") == "file" and len(card.files) >= 1:
+                target = root / self._main_file(card)
+            adapter = formats.read_adapter(target, format=card.format)
+        if adapter.base_model is None:
+            adapter.base_model = card.base_model
+        adapter.metadata.setdefault("bank_id", card.id)
+        return adapter
+
+    @staticmethod
+    def _main_file(card: Card) -> str:
+        names = [n for n in card.files if n.endswith(".safetensors")] or sorted(card.files)
+        return sorted(names)[0]
+
+    def export(self, id: str, out: str | Path, *, format: str | None = None) -> Path:  # noqa: A002
+        """Write adapter ``id`` to ``out``. ``format=None`` (or the stored format) copies the original
+        files bit for bit (hash-checked); another format converts through :func:`formats.write_adapter`.
+
+        A folder adapter is written into the folder ``out``; a single-file adapter is written to ``out``
+        if it ends in ``.safetensors``, else into the folder ``out`` under its original name. Returns the
+        path to hand to :func:`adapterbank.formats.read_adapter`.
+        """
+        from adapterbank import formats
+
+        card = self.get(id)
+        out = Path(out)
+        if format is not None and format not in formats.FORMATS:
+            raise UnknownNameError(f"Unknown adapter format {format!r}; valid formats are {list(formats.FORMATS)}.")
+        if format is None or format == card.format:
+            single = card.extra.get("layout") == "file" and len(card.files) == 1
+            if single and out.suffix == ".safetensors":
+                (rel, sha), = card.files.items()
+                with tempfile.TemporaryDirectory(prefix="adapterbank-export-") as tmp:
+                    self._blobs.copy_verified(sha, Path(tmp) / "f", what=f"adapter {card.id!r} (file {rel!r})")
+                    atomic_write(out, lambda fh: fh.write((Path(tmp) / "f").read_bytes()))
+                return out
+            out.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="adapterbank-export-") as tmp:
+                self._copy_files(card, Path(tmp))
+                for rel in card.files:
+                    src = Path(tmp) / rel
+
+                    def _write(fh: Any, src: Path = src) -> None:
+                        with open(src, "rb") as fi:
+                            while chunk := fi.read(1 << 20):
+                                fh.write(chunk)
+
+                    atomic_write(out / rel, _write)
+            return out / self._main_file(card) if card.extra.get("layout") == "file" else out
+        adapter = self.load_adapter(id)
+        written = formats.write_adapter(adapter, out, format=format, base_model=card.base_model)
+        log.info("exported %s as %s to %s", id, format, out)
+        if len(written) == 1 and Path(written[0]).suffix == ".safetensors" and format == "kohya":
+            return Path(written[0])
+        return out
+
+    # -- prototypes -------------------------------------------------------------------------------
+    def set_prototype(self, id: str, prototype: Prototype) -> None:  # noqa: A002
+        """Attach ``prototype`` to adapter ``id`` (replacing its prototype in the same space)."""
+        if not isinstance(prototype, Prototype):
+            raise FormatError(f"set_prototype needs a Prototype. Got {type(prototype).__name__} instead.")
+        with self._cat.write() as c:
+            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
+                raise self._unknown(c, id)
+            self._insert_prototype(c, id, prototype)
+            self._cat.bump(c)
+
+    def get_prototype(self, id: str, space: PrototypeSpace | str | None = None) -> Prototype:  # noqa: A002
+        """The prototype of ``id`` in ``space`` (``None``: its only prototype)."""
+        key = space.key if isinstance(space, PrototypeSpace) else space
+        with self._cat.read() as c:
+            rows = c.execute(
+                "SELECT space_key, space, vector, n_samples, source, extra FROM prototypes WHERE adapter_id = ? "
+                "ORDER BY space_key", (id,)).fetchall()
+            if not rows and c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
+                raise self._unknown(c, id)
+        if key is not None:
+            rows = [r for r in rows if r[0] == key]
+        if not rows:
+            raise UnknownNameError(f"Adapter {id!r} has no prototype" + (f" in space {key!r}." if key else "."))
+        if len(rows) > 1:
+            raise PrototypeSpaceError(
+                f"Adapter {id!r} has prototypes in several spaces {[r[0] for r in rows]}; pass space=."
+            )
+        _, sp, vec, n, src, extra = rows[0]
+        return Prototype(np.frombuffer(vec, dtype="<f4").astype(np.float32), PrototypeSpace.from_dict(json.loads(sp)),
+                         int(n), src or "", json.loads(extra))
+
+    def spaces(self) -> builtins.list[PrototypeSpace]:
+        """The prototype spaces present in the bank, sorted by key."""
+        return builtins.list(self._space_map().values())
+
+    def _space_map(self) -> dict[str, PrototypeSpace]:
+        """space key -> space, cached per catalog version (a search must not scan the prototypes table)."""
+        cached = self._spaces_cache
+        if cached is not None and cached[0] == self._cat.version():  # the hot path: one tiny SELECT
+            return cached[1]
+        with self._cat.read() as c:
+            version = int(c.execute("SELECT value FROM meta WHERE key = ?", ("version",)).fetchone()[0])
+            keys = [r[0] for r in c.execute("SELECT DISTINCT space_key FROM prototypes ORDER BY space_key")]
+            out = {}
+            for key in keys:
+                sp = c.execute("SELECT space FROM prototypes WHERE space_key = ? LIMIT 1", (key,)).fetchone()[0]
+                out[key] = PrototypeSpace.from_dict(json.loads(sp))
+        self._spaces_cache = (version, out)
+        return out
+
+    # -- search -----------------------------------------------------------------------------------
+    def _resolve_space(self, query: Prototype | np.ndarray, space: PrototypeSpace | str | None) -> str | None:
+        spaces = self._space_map()
+        if isinstance(query, Prototype):
+            if space is not None:
+                key = space.key if isinstance(space, PrototypeSpace) else str(space)
+                if key != query.space.key:
+                    raise PrototypeSpaceError(
+                        f"The query prototype is in space {query.space.key!r} but space={key!r} was asked for."
+                    )
+            return query.space.key if query.space.key in spaces else None
+        if space is None:
+            if len(spaces) > 1:
+                raise PrototypeSpaceError(
+                    f"The bank holds prototypes in {len(spaces)} spaces {sorted(spaces)}; pass space= with a vector query."
+                )
+            return next(iter(spaces), None)
+        key = space.key if isinstance(space, PrototypeSpace) else str(space)
+        if key not in spaces:
+            if isinstance(space, PrototypeSpace):
+                return None
+            raise UnknownNameError(f"No prototypes in space {key!r}; the bank has {sorted(spaces)}.")
+        return key
+
+    def index(self, space: PrototypeSpace | str) -> Index:
+        """The (cached) search index of one prototype space, rebuilt if the catalog changed since."""
+        key = space.key if isinstance(space, PrototypeSpace) else str(space)
+        cached = self._indexes.get(key)
+        if cached is not None and cached[0] == self._cat.version():  # the hot path: one tiny SELECT
+            return cached[1]
+        with self._cat.read() as c:
+            version = int(c.execute("SELECT value FROM meta WHERE key = ?", ("version",)).fetchone()[0])
+            rows = c.execute(
+                "SELECT p.adapter_id, p.vector, p.dim, a.base_model, a.tags FROM prototypes p "
+                "JOIN adapters a ON a.id = p.adapter_id WHERE p.space_key = ? ORDER BY p.adapter_id", (key,),
+            ).fetchall()
+        dims = {r[2] for r in rows}
+        if len(dims) > 1:
+            raise BankError(f"Prototypes in space {key!r} have different dims {sorted(dims)}: the catalog is damaged.")
+        d = dims.pop() if dims else 0
+        X = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d) if rows else \
+            np.zeros((0, d), np.float32)
+        idx = self.index_factory()
+        idx.build([r[0] for r in rows], X, [{"base_model": r[3], "tags": json.loads(r[4])} for r in rows])
+        self._indexes[key] = (version, idx)
+        log.debug("built index for space %s: %d rows (catalog version %d)", key, len(rows), version)
+        return idx
+
+    def search(
+        self,
+        query: Prototype | np.ndarray,
+        k: int = 5,
+        *,
+        space: PrototypeSpace | str | None = None,
+        base_model: str | None = None,
+        tags: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+    ) -> builtins.list[Hit]:
+        """The ``k`` adapters whose prototypes are nearest to ``query`` (Eq. 2, squared L2, ascending,
+        ties broken by id), optionally only of ``base_model``, with all ``tags``, not in ``exclude``.
+
+        A :class:`Prototype` query searches its own space (``space=`` must agree); a vector query needs
+        ``space=`` when the bank has several spaces. Fewer than ``k`` hits come back when fewer match.
+        """
+        k = check_k(k)
+        if isinstance(query, Prototype):
+            vec = query.vector
+        else:
+            vec = np.asarray(query, dtype=np.float32)
+            if vec.ndim != 1:
+                raise ShapeMismatchError(f"A search query must be a 1-D vector. Got shape {vec.shape} instead.")
+            if not np.isfinite(vec).all():
+                raise NonFiniteError("The search query contains NaN or Inf.")
+        excl = {str(e) for e in exclude}
+        key = self._resolve_space(query, space)
+        if key is None:
+            return []
+        idx = self.index(key)
+        if idx.dim is not None and vec.shape[0] != idx.dim:
+            raise ShapeMismatchError(f"The query has dim {vec.shape[0]} but space {key!r} has dim {idx.dim}.")
+        where: dict[str, Any] = {}
+        if base_model is not None:
+            where["base_model"] = base_model
+        if tags:
+            where["tags"] = _check_tags(tags)
+        hits = idx.search(vec, min(k + len(excl), max(len(idx), 1), MAX_K), where=where or None)
+        return [h for h in hits if h.id not in excl][:k]
+
+    # -- integrity --------------------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob, check every row points at an intact blob, list orphans and temp leftovers."""
+        problems: list[str] = []
+        with self._cat.read() as c:
+            ic = c.execute("PRAGMA quick_check").fetchall()
+            rows = c.execute("SELECT adapter_id, name, sha256, size FROM files ORDER BY adapter_id, name").fetchall()
+            no_files = [r[0] for r in c.execute(
+                "SELECT id FROM adapters WHERE id NOT IN (SELECT adapter_id FROM files) ORDER BY id")]
+            bad_protos = c.execute(
+                "SELECT adapter_id, space_key, dim, length(vector) FROM prototypes WHERE length(vector) != 4 * dim"
+            ).fetchall()
+        if [r[0] for r in ic] != ["ok"]:
+            problems.append(f"catalog {self._cat.path}: sqlite quick_check says {[r[0] for r in ic][:5]}")
+        problems += [f"adapter {a!r} has no files" for a in no_files]
+        problems += [f"prototype of {a!r} in {s!r}: {n} bytes for dim {d}" for a, s, d, n in bad_protos]
+        by_sha: dict[str, builtins.list[str]] = {}
+        sizes: dict[str, int] = {}
+        for aid, name, sha, size in rows:
+            by_sha.setdefault(sha, []).append(f"{aid}/{name}")
+            sizes[sha] = size
+        for sha, users in sorted(by_sha.items()):
+            damage = self._blobs.check(sha)
+            if damage is None and self._blobs.path(sha).stat().st_size != sizes[sha]:
+                damage = f"blob {sha} has the wrong size"
+            if damage:
+                problems.append(f"{damage}; used by {users}")
+        orphans = [str(self._blobs.path(s)) for s in self._blobs.iter_blobs() if s not in by_sha]
+        orphans += [str(p) for p in self._blobs.stale_files()]
+        for p in problems:
+            log.warning("verify %s: %s", self.root, p)
+        return VerifyReport(ok=not problems, checked=len(by_sha), problems=problems, orphans=orphans)
+
+    def gc(self) -> int:
+        """Delete orphan blobs and crashed writers' temp files; return how many were removed."""
+        n = self._delete_unreferenced()
+        for p in self._blobs.stale_files():
+            self._blobs.remove_path(p)
+            n += 1
+        if n:
+            log.info("gc %s: removed %d orphan blobs / temp files", self.root, n)
+        return n
