@@ -1,0 +1,9 @@
+"""Weights (Eq. 2–5) and the composition pipeline (Eq. 6)."""
+
+from __future__ import annotations
+
+from adapterbank.compose.compose import RECIPE_FILE, Composition, compose, versions
+from adapterbank.compose.strategies import STRATEGIES, Strategy, WeightResult, compute_weights, get_strategy
+
+__all__ = ["compose", "Composition", "RECIPE_FILE", "versions", "STRATEGIES", "Strategy", "WeightResult",
+           "compute_weights", "get_strategy"]

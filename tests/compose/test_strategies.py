@@ -1,0 +1,143 @@
+"""The strategy table: one contract test over STRATEGIES itself, then each strategy against its formula."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adapterbank.compose.solvers import solve_lin, solve_sparse
+from adapterbank.compose.strategies import (
+    DEFAULT_LAM_REL,
+    STRATEGIES,
+    Strategy,
+    WeightResult,
+    compute_weights,
+    distances,
+    get_strategy,
+)
+from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
+
+# strategies whose weights do not change when target and prototypes are scaled/translated together
+SCALE_FREE = {"avg", "sim", "lin", "sparse", "nearest"}
+
+
+def problem(k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=d) * 1.5, rng.normal(size=(k, d))
+
+
+def test_registry_is_exactly_the_five_strategies() -> None:
+    assert list(STRATEGIES) == ["avg", "sim", "lin", "sparse", "nearest"]
+    for name, s in STRATEGIES.items():
+        assert isinstance(s, Strategy) and s.name == name
+        assert s.description and s.reference and callable(s.fn)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+@pytest.mark.parametrize("k,d", [(1, 4), (2, 3), (5, 16), (12, 3), (8, 384)])
+def test_strategy_contract(name: str, k: int, d: int) -> None:
+    t, P = problem(k, d, seed=k * 31 + d)
+    res = compute_weights(name, t, P)
+    assert isinstance(res, WeightResult)
+    assert res.weights.shape == (k,) and res.weights.dtype == np.float64
+    assert np.isfinite(res.weights).all()
+    assert abs(res.weights.sum() - 1) < 1e-9
+    assert all(isinstance(v, float) for v in res.params.values())
+    again = compute_weights(name, t.copy(), P.copy())
+    assert np.array_equal(again.weights, res.weights) and again.params == res.params  # deterministic
+    if name in SCALE_FREE:
+        for a, b in ((1e-3, 0.0), (1e4, 0.0), (1.0, 50.0)):
+            scaled = compute_weights(name, a * t + b, a * P + b)
+            np.testing.assert_allclose(scaled.weights, res.weights, atol=1e-7, err_msg=f"{name} a={a} b={b}")
+
+
+def test_unknown_strategy_lists_valid_names() -> None:
+    with pytest.raises(UnknownNameError, match="avg, sim, lin, sparse, nearest"):
+        get_strategy("magic")
+    with pytest.raises(KeyError):
+        compute_weights("magic", np.zeros(2), np.eye(2))
+
+
+def test_unknown_parameter_lists_valid_ones() -> None:
+    t, P = problem(3, 4, 0)
+    with pytest.raises(UnknownNameError, match="'lam'.*Valid parameters: tau, tau_rel"):
+        compute_weights("sim", t, P, lam=1.0)
+    with pytest.raises(UnknownNameError, match="Valid parameters: none"):
+        compute_weights("avg", t, P, tau=1.0)
+
+
+def test_bad_parameter_values() -> None:
+    t, P = problem(3, 4, 0)
+    with pytest.raises(ValueError, match="The 'lam' parameter of sparse must be ≥ 0. Got -1 instead."):
+        compute_weights("sparse", t, P, lam=-1)
+    with pytest.raises(ValueError, match="The 'tau' parameter of sim must be > 0. Got 0 instead."):
+        compute_weights("sim", t, P, tau=0)
+    with pytest.raises(ValueError, match="'tau_rel'"):
+        compute_weights("sim", t, P, tau_rel=-2.0)
+    with pytest.raises(ValueError, match="either 'lam' or 'lam_rel'"):
+        compute_weights("sparse", t, P, lam=1.0, lam_rel=0.1)
+    with pytest.raises(ValueError, match="must be a number"):
+        compute_weights("sparse", t, P, lam_rel="big")
+    with pytest.raises(NonFiniteError):
+        compute_weights("sparse", t, P, lam=float("nan"))
+
+
+def test_bad_inputs() -> None:
+    t, P = problem(3, 4, 0)
+    with pytest.raises(ShapeMismatchError, match="dim 4"):
+        compute_weights("avg", t[:2], P)
+    with pytest.raises(ShapeMismatchError):
+        compute_weights("avg", t, P[0])
+    P2 = P.copy()
+    P2[2, 0] = np.inf
+    for name in STRATEGIES:
+        with pytest.raises(NonFiniteError):
+            compute_weights(name, t, P2)
+        with pytest.raises(NonFiniteError):
+            compute_weights(name, np.full(4, np.nan), P)
+
+
+def test_avg_and_nearest() -> None:
+    t, P = problem(4, 3, 1)
+    np.testing.assert_array_equal(compute_weights("avg", t, P).weights, np.full(4, 0.25))
+    d = ((P - t) ** 2).sum(axis=1)
+    assert compute_weights("nearest", t, P).weights.tolist() == np.eye(4)[np.argmin(d)].tolist()
+    P_tie = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])  # all at distance 1: lowest index wins
+    assert compute_weights("nearest", np.zeros(2), P_tie).weights.tolist() == [1.0, 0.0, 0.0]
+
+
+def test_sim_is_softmax_of_negative_distances() -> None:
+    t, P = problem(6, 5, 2)
+    d = ((P - t) ** 2).sum(axis=1)
+    res = compute_weights("sim", t, P, tau=2.0)
+    want = np.exp(-d / 2.0) / np.exp(-d / 2.0).sum()
+    np.testing.assert_allclose(res.weights, want, rtol=1e-12)
+    res = compute_weights("sim", t, P)  # default: τ = 1 · median(d)
+    assert res.params["tau"] == pytest.approx(np.median(d)) and res.params["tau_rel"] == 1.0
+    res = compute_weights("sim", t, P, tau_rel=0.25)
+    assert res.params["tau"] == pytest.approx(0.25 * np.median(d))
+    # far-away prototypes underflow to 0 weight, never NaN
+    far = compute_weights("sim", np.zeros(2), np.array([[0.0, 0.0], [1e6, 0.0]]), tau=1.0)
+    assert far.weights.tolist() == [1.0, 0.0]
+    # all distances 0: uniform
+    same = compute_weights("sim", np.ones(3), np.ones((4, 3)))
+    np.testing.assert_allclose(same.weights, 0.25)
+
+
+def test_lin_and_sparse_use_the_solvers() -> None:
+    t, P = problem(7, 5, 3)
+    d = distances(t, P)
+    lin = compute_weights("lin", t, P)
+    np.testing.assert_array_equal(lin.weights, solve_lin(P, t).weights)
+    assert lin.objective == pytest.approx(solve_lin(P, t).objective)
+    sp = compute_weights("sparse", t, P)
+    lam = DEFAULT_LAM_REL * float(np.median(d))
+    assert sp.params["lam"] == pytest.approx(lam) and sp.params["lam_rel"] == DEFAULT_LAM_REL
+    assert sp.params["scale"] == pytest.approx(float(np.median(d)))
+    np.testing.assert_array_equal(sp.weights, solve_sparse(P, t, lam).weights)
+    assert sp.status.startswith("optimal") and sp.objective is not None
+    np.testing.assert_allclose(compute_weights("sparse", t, P, lam_rel=0.0).weights, lin.weights, atol=1e-10)
+    # above λ_max: the projection onto the hull (no negative weight)
+    hull = compute_weights("sparse", t, P, lam=1.01 * sp.params["lam_max"] + 1e-12)
+    assert (hull.weights >= 0).all()
+    assert compute_weights("sparse", t, P, lam=2.0).params["lam_rel"] == pytest.approx(2.0 / np.median(d))
