@@ -1,0 +1,15 @@
+"""Leave-one-out evaluation of composition strategies and its reports (DESIGN.md §3; seed paper Tables 1–6).
+
+>>> from adapterbank.evaluate import evaluate, write_report          # doctest: +SKIP
+>>> res = evaluate(bank, "my_evals:score", k=5, cache_dir=".cache")  # doctest: +SKIP
+>>> write_report(res, "report")                                     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from adapterbank.evaluate.harness import ALL_STRATEGIES, Evaluator, check_metrics, evaluate, evaluator_id, load_evaluator
+from adapterbank.evaluate.report import load_results, write_report
+from adapterbank.evaluate.results import RESULTS_SCHEMA, EvalRecord, EvalResults, LambdaPath, PrototypeMap
+
+__all__ = ["evaluate", "write_report", "load_results", "load_evaluator", "check_metrics", "evaluator_id",
+           "EvalResults", "EvalRecord", "LambdaPath", "PrototypeMap", "Evaluator", "ALL_STRATEGIES", "RESULTS_SCHEMA"]

@@ -1,0 +1,96 @@
+"""What ``adapterbank evaluate`` calls: open the bank, run the harness, write the report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from adapterbank.evaluate.harness import evaluate, load_evaluator
+from adapterbank.evaluate.report import write_report
+from adapterbank.evaluate.results import EvalResults
+
+__all__ = ["run_evaluate", "parse_strategies", "parse_floats", "parse_ints"]
+
+
+def parse_strategies(spec: str | Sequence[str]) -> str | list[str]:
+    """``"all"`` or a comma-separated list (validated later against the registry).
+
+    >>> parse_strategies("all"), parse_strategies("avg, sparse")
+    ('all', ['avg', 'sparse'])
+    """
+    if isinstance(spec, str):
+        s = spec.strip()
+        return "all" if s == "all" else [x.strip() for x in s.split(",") if x.strip()]
+    return list(spec)
+
+
+def parse_ints(spec: str | Sequence[int] | None) -> list[int] | None:
+    """``"1,2,3"`` or ``"1-5"`` (inclusive) → ints; ``None``/empty → ``None``.
+
+    >>> parse_ints("1-3,5"), parse_ints(None)
+    ([1, 2, 3, 5], None)
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if not isinstance(spec, str):
+        return [int(x) for x in spec]
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            out += list(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def parse_floats(spec: str | Sequence[float] | None) -> list[float] | None:
+    """``"0.01,0.1,1"`` → floats; ``None``/empty → ``None``.
+
+    >>> parse_floats("0.01, 0.1,1")
+    [0.01, 0.1, 1.0]
+    """
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return None
+    if not isinstance(spec, str):
+        return [float(x) for x in spec]
+    return [float(x) for x in spec.split(",") if x.strip()]
+
+
+def run_evaluate(
+    bank_path: str | Path,
+    evaluator_spec: str,
+    strategies: str | Sequence[str] = "all",
+    k: int = 5,
+    out: str | Path = "report",
+    include_self: bool = False,
+    sweep_k: str | Sequence[int] | None = None,
+    sweep_lam: str | Sequence[float] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    *,
+    params: Mapping[str, Mapping[str, float]] | None = None,
+    lower_is_better: Sequence[str] = (),
+    plots: bool = True,
+) -> Path:
+    """Open ``bank_path``, run :func:`~adapterbank.evaluate.evaluate` with the evaluator ``module:function``,
+    write the report into ``out`` and return ``out``.
+
+    The evaluator is loaded before the bank is opened, so a wrong name fails fast.
+
+    Example::
+
+        >>> run_evaluate("bank", "my_evals:score", "all", 5, "report")   # doctest: +SKIP
+        PosixPath('report')
+    """
+    from adapterbank.bank import Bank
+
+    fn = load_evaluator(evaluator_spec)
+    bank = Bank.open(Path(bank_path))
+    res: EvalResults = evaluate(bank, fn, strategies=parse_strategies(strategies), k=k, params=params,
+                                include_self=include_self, sweep_k=parse_ints(sweep_k),
+                                sweep_lam=parse_floats(sweep_lam), cache_dir=cache_dir, progress=progress)
+    res.config["evaluator"] = evaluator_spec if getattr(fn, "cache_key", None) is None else res.config["evaluator"]
+    res.meta["bank"] = str(bank_path)
+    return write_report(res, out, lower_is_better=lower_is_better, plots=plots)

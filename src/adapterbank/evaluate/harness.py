@@ -1,0 +1,586 @@
+"""Leave-one-out evaluation (DESIGN.md §3; seed paper, Tables 1–6).
+
+Each adapter of the bank that has a prototype is, in turn, the *target*: its prototype is the target
+prototype p_T, its own adapter is removed from the pool (``exclude=[target]``; or left in with
+``include_self`` — the seed's Table 6 ablation), the other adapters are retrieved and weighed by every
+strategy (Eq. 3–5, avg, nearest) and merged exactly (Eq. 6), and the user's evaluator scores the composite
+on the target's task. Pre-trained (``adapter=None``) and SFT (the target's own adapter) are scored too.
+
+The evaluator is any callable ``(adapter: LoraAdapter | None, task) -> {metric: float}``; ``task`` is
+``tasks[target]`` when a mapping is given, else the target's bank card. Results are cached per
+(target, method, k, params, evaluator, digests of the prototypes and adapters involved) as JSON files,
+so a rerun only calls the evaluator for what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import numbers
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from adapterbank import errors as _errors
+from adapterbank._io import atomic_write_bytes
+from adapterbank.errors import AdapterbankError, FormatError, NonFiniteError, UnknownNameError
+from adapterbank.evaluate.results import (
+    BASELINES,
+    EvalRecord,
+    EvalResults,
+    LambdaPath,
+    PrototypeMap,
+)
+from adapterbank.lora import LoraAdapter
+
+if TYPE_CHECKING:
+    from adapterbank.bank import Bank
+    from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+log = logging.getLogger(__name__)
+
+__all__ = ["evaluate", "load_evaluator", "check_metrics", "evaluator_id", "pca_2d", "Evaluator", "ALL_STRATEGIES"]
+
+Evaluator = Callable[[LoraAdapter | None, Any], Mapping[str, float]]
+
+ALL_STRATEGIES = ("avg", "sim", "lin", "sparse", "nearest")
+CACHE_SCHEMA = 1
+
+# The error an evaluator's own failure is reported as.
+_EvaluationError = _errors.EvaluationError
+
+
+# ----- evaluator loading and output checking ---------------------------------------------------
+
+def load_evaluator(spec: str) -> Evaluator:
+    """Load ``module:function`` (or ``path/to/file.py:function``) and check it is callable.
+
+    Dotted attribute paths work after the colon (``pkg.mod:Class.method``).
+
+    >>> fn = load_evaluator("math:hypot")
+    >>> fn(3, 4)
+    5.0
+    >>> load_evaluator("math:nope")
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.UnknownNameError: The evaluator 'math:nope' names 'nope', which module 'math' does not define. ...
+    """
+    if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rpartition(":")[::2]):
+        raise FormatError(f"An evaluator must be given as 'module:function' (or 'file.py:function'). Got {spec!r} instead.")
+    mod_name, _, attr = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"The evaluator file {str(path)!r} (from {spec!r}) does not exist.")
+        name = f"_adapterbank_evaluator_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        mspec = importlib.util.spec_from_file_location(name, path)
+        if mspec is None or mspec.loader is None:
+            raise FormatError(f"The evaluator file {str(path)!r} cannot be imported as a Python module.")
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[name] = module
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            raise UnknownNameError(
+                f"The evaluator {spec!r} names module {mod_name!r}, which cannot be imported ({e}). "
+                "Put its folder on PYTHONPATH, or give a file: 'path/to/file.py:function'."
+            ) from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+            raise UnknownNameError(
+                f"The evaluator {spec!r} names {attr!r}, which module {mod_name!r} does not define. "
+                f"Callables it defines: {', '.join(public[:30]) or 'none'}."
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UnknownNameError(f"The evaluator {spec!r} is not callable: it is a {type(obj).__name__}.")
+    return obj  # type: ignore[no-any-return]
+
+
+def evaluator_id(evaluator: Callable[..., Any]) -> str:
+    """What identifies an evaluator in cache keys: its ``cache_key`` attribute, else ``module:qualname``.
+
+    Give your evaluator a ``cache_key`` (e.g. ``"my_eval:v2"``) and change it when its behaviour changes.
+
+    >>> evaluator_id(len)
+    'builtins:len'
+    """
+    key = getattr(evaluator, "cache_key", None)
+    if key is not None:
+        return str(key)
+    mod = getattr(evaluator, "__module__", None) or type(evaluator).__module__
+    qual = getattr(evaluator, "__qualname__", None) or type(evaluator).__qualname__
+    return f"{mod}:{qual}"
+
+
+def check_metrics(out: Any, where: str) -> dict[str, float]:
+    """Check an evaluator's output is a non-empty ``{str: finite real}`` and return it as floats.
+
+    ``where`` names the call (target and method) in the error message.
+
+    >>> check_metrics({"acc": np.float32(0.5), "n": 3}, "target 'a', method 'avg'")
+    {'acc': 0.5, 'n': 3.0}
+    >>> check_metrics({"acc": float("nan")}, "target 'a', method 'avg'")
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.NonFiniteError: The evaluator returned a non-finite value for metric 'acc' (target 'a', method 'avg'): nan.
+    """
+    if not isinstance(out, Mapping):
+        raise FormatError(f"The evaluator must return a dict {{metric: float}} ({where}). "
+                          f"Got {type(out).__name__} instead: {out!r:.200}.")
+    if not out:
+        raise FormatError(f"The evaluator returned an empty dict ({where}); it must return at least one metric.")
+    res: dict[str, float] = {}
+    for name, val in out.items():
+        if not isinstance(name, str) or not name:
+            raise FormatError(f"The evaluator returned a metric name {name!r} ({where}); names must be non-empty strings.")
+        if isinstance(val, np.generic) or (isinstance(val, np.ndarray) and val.size == 1):
+            val = val.item()
+        elif hasattr(val, "numel") and hasattr(val, "item") and val.numel() == 1:  # a 1-element torch tensor
+            val = val.item()
+        if isinstance(val, bool) or not isinstance(val, numbers.Real):
+            raise FormatError(f"The evaluator returned {type(val).__name__} {val!r:.100} for metric {name!r} ({where}); "
+                              "each metric must be a finite real number.")
+        f = float(val)
+        if not math.isfinite(f):
+            raise NonFiniteError(f"The evaluator returned a non-finite value for metric {name!r} ({where}): {f}.")
+        res[name] = f
+    return res
+
+
+# ----- digests ---------------------------------------------------------------------------------
+
+_CARD_DIGEST_ATTRS = ("sha256", "digest", "blob_sha256", "blob_hash", "content_hash", "blob")
+
+
+def _adapter_digest(bank: Bank, adapter_id: str, card: Any, memo: dict[str, str]) -> str:
+    """Content digest of an adapter: the bank's blob hash when the card has one, else a hash of the tensors."""
+    if adapter_id in memo:
+        return memo[adapter_id]
+    files = getattr(card, "files", None)
+    if isinstance(files, Mapping) and files:  # the bank's content hashes of the adapter's files
+        memo[adapter_id] = _cache_key({"files": dict(files)})
+        return memo[adapter_id]
+    for attr in _CARD_DIGEST_ATTRS:
+        v = getattr(card, attr, None)
+        if isinstance(v, str) and v:
+            memo[adapter_id] = v
+            return v
+    h = hashlib.sha256()
+    ad = bank.load_adapter(adapter_id)
+    for name in sorted(ad.modules):
+        m = ad.modules[name]
+        h.update(f"{name}|{m.weight_shape}|{m.transposed}|{m.kind}|{m.scale!r}".encode())
+        for t in (m.A, m.B):
+            h.update(t.detach().to("cpu").contiguous().float().numpy().tobytes())
+    memo[adapter_id] = h.hexdigest()
+    return memo[adapter_id]
+
+
+def _cache_key(parts: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----- small numerics --------------------------------------------------------------------------
+
+def pca_2d(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``X`` (n, d) projected on their first two principal axes, and the explained-variance ratios.
+
+    Signs are fixed (the largest-magnitude loading of each axis is positive), so the map is deterministic.
+
+    >>> Y, ev = pca_2d(np.array([[0.0, 0, 0], [2, 0, 0], [0, 1, 0], [2, 1, 0]]))
+    >>> Y.shape, np.round(ev, 3).tolist()
+    ((4, 2), [0.8, 0.2])
+    """
+    X = np.asarray(X, dtype=np.float64)  # (n, d)
+    n = X.shape[0]
+    Xc = X - X.mean(axis=0, keepdims=True)
+    if n < 2 or not np.any(Xc):
+        return np.zeros((n, 2)), np.zeros(2)
+    _, s, vt = np.linalg.svd(Xc, full_matrices=False)  # vt: (min(n,d), d)
+    comps = vt[:2]
+    for i in range(comps.shape[0]):
+        if comps[i, np.argmax(np.abs(comps[i]))] < 0:
+            comps[i] = -comps[i]
+    Y = Xc @ comps.T  # (n, ≤2)
+    var = s**2
+    ev = var[:2] / var.sum()
+    if Y.shape[1] < 2:  # d == 1 or n == 2 with one axis
+        Y = np.concatenate([Y, np.zeros((n, 2 - Y.shape[1]))], axis=1)
+        ev = np.concatenate([ev, np.zeros(2 - ev.shape[0])])
+    return Y, ev
+
+
+# ----- the harness -----------------------------------------------------------------------------
+
+def _norm_strategies(strategies: Sequence[str] | str) -> list[str]:
+    from adapterbank.compose import STRATEGIES
+
+    if isinstance(strategies, str):
+        strategies = list(STRATEGIES) if strategies == "all" else [s.strip() for s in strategies.split(",") if s.strip()]
+    out = list(dict.fromkeys(strategies))
+    for s in out:
+        if s not in STRATEGIES:
+            raise UnknownNameError(f"Unknown strategy {s!r}. Valid strategies: {', '.join(STRATEGIES)} (or 'all').")
+    if not out:
+        raise UnknownNameError(f"No strategy given. Valid strategies: {', '.join(STRATEGIES)} (or 'all').")
+    return out
+
+
+def _norm_params(params: Mapping[str, Any] | None, strategies: Sequence[str]) -> dict[str, dict[str, float]]:
+    from adapterbank.compose import STRATEGIES
+
+    if not params:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for name, p in params.items():
+        if name not in STRATEGIES or not isinstance(p, Mapping):
+            raise FormatError(
+                "The 'params' parameter of evaluate must map a strategy name to its parameters, e.g. "
+                f"{{'sparse': {{'lam_rel': 0.1}}, 'sim': {{'tau_rel': 1.0}}}}. Got key {name!r} -> {p!r} instead. "
+                f"Valid strategies: {', '.join(STRATEGIES)}."
+            )
+        vals: dict[str, float] = {}
+        for a, b in p.items():
+            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(float(b)):
+                raise FormatError(f"Parameter {a!r} of strategy {name!r} must be a finite number. Got {b!r} instead.")
+            vals[str(a)] = float(b)
+        out[name] = vals
+    return out
+
+
+def _check_positive_ints(name: str, vals: Sequence[int] | None) -> list[int]:
+    if vals is None:
+        return []
+    out = []
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) <= 0:
+            raise FormatError(f"The '{name}' parameter of evaluate must hold positive ints. Got {v!r} instead.")
+        out.append(int(v))
+    return sorted(set(out))
+
+
+def _check_positive_floats(name: str, vals: Sequence[float] | None) -> list[float]:
+    if vals is None:
+        return []
+    out = []
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < 0:
+            raise FormatError(f"The '{name}' parameter of evaluate must hold finite numbers ≥ 0. Got {v!r} instead.")
+        out.append(float(v))
+    return sorted(set(out))
+
+
+class _Runner:
+    """State of one :func:`evaluate` call: bank, evaluator, caches, counters."""
+
+    def __init__(self, bank: Bank, evaluator: Evaluator, cache_dir: Path | None, include_self: bool,
+                 space: PrototypeSpace | None) -> None:
+        self.bank = bank
+        self.evaluator = evaluator
+        self.ev_id = evaluator_id(evaluator)
+        self.cache_dir = cache_dir
+        self.include_self = include_self
+        self.space = space
+        self.cards = {c.id: c for c in bank.list()}
+        self.digests: dict[str, str] = {}
+        self.protos: dict[str, Prototype] = {}
+        self.memo: dict[str, EvalRecord] = {}
+        self.n_calls = 0
+        self.n_cached = 0
+
+    # -- bank access
+    def proto(self, adapter_id: str) -> Prototype:
+        if adapter_id not in self.protos:
+            self.protos[adapter_id] = self.bank.get_prototype(adapter_id, self.space)
+        return self.protos[adapter_id]
+
+    def has_proto(self, adapter_id: str) -> bool:
+        card = self.cards[adapter_id]
+        spaces = getattr(card, "prototype_spaces", None)
+        if spaces is not None and self.space is not None:
+            return self.space.key in spaces
+        if spaces is not None and not spaces:
+            return False
+        try:
+            self.proto(adapter_id)
+        except (AdapterbankError, KeyError, LookupError):
+            return False
+        return True
+
+    def digest(self, adapter_id: str) -> str:
+        return _adapter_digest(self.bank, adapter_id, self.cards.get(adapter_id), self.digests)
+
+    # -- cache
+    def _cache_file(self, key: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / f"{key}.json"
+
+    def lookup(self, key: str, key_parts: Mapping[str, Any]) -> EvalRecord | None:
+        if key in self.memo:
+            return self.memo[key]
+        f = self._cache_file(key)
+        if f is None or not f.exists():
+            return None
+        try:
+            doc = json.loads(f.read_text())
+            if doc.get("schema") != CACHE_SCHEMA or doc.get("key") != json.loads(json.dumps(key_parts, default=str)):
+                log.warning("cache file %s does not match its key; recomputing", f)
+                return None
+            rec = EvalRecord.from_dict(doc["record"], str(f))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            log.warning("unreadable cache file %s (%s); recomputing", f, e)
+            return None
+        rec.cached = True
+        self.memo[key] = rec
+        self.n_cached += 1
+        return rec
+
+    def store(self, key: str, key_parts: Mapping[str, Any], rec: EvalRecord) -> None:
+        self.memo[key] = rec
+        f = self._cache_file(key)
+        if f is not None:
+            doc = {"schema": CACHE_SCHEMA, "key": key_parts, "record": rec.to_dict()}
+            atomic_write_bytes(f, json.dumps(doc, indent=1, default=str).encode())
+
+    # -- scoring
+    def score(self, adapter: LoraAdapter | None, task: Any, target: str, method: str) -> tuple[dict[str, float], float]:
+        where = f"target {target!r}, method {method!r}"
+        t0 = time.perf_counter()
+        try:
+            out = self.evaluator(adapter, task)
+        except Exception as e:  # the user's code: wrap with context, keep the cause
+            raise _EvaluationError(f"The evaluator {self.ev_id} raised {type(e).__name__} on {where}: {e}") from e
+        dt = time.perf_counter() - t0
+        self.n_calls += 1
+        return check_metrics(out, where), dt
+
+    def baseline(self, target: str, method: str, task: Any) -> EvalRecord:
+        card = self.cards[target]
+        parts: dict[str, Any] = {"v": CACHE_SCHEMA, "target": target, "method": method, "evaluator": self.ev_id,
+                                 "base_model": getattr(card, "base_model", None)}
+        if method == "sft":
+            parts["adapter"] = self.digest(target)
+        key = _cache_key(parts)
+        hit = self.lookup(key, parts)
+        if hit is not None:
+            return _copy(hit, sweep=None)
+        adapter = self.bank.load_adapter(target) if method == "sft" else None
+        metrics, dt = self.score(adapter, task, target, method)
+        rec = EvalRecord(target, method, None, {}, {}, [target] if method == "sft" else [],
+                         [0.0] if method == "sft" else [], [1.0] if method == "sft" else [], "baseline", metrics,
+                         include_self=self.include_self, seconds=dt)
+        self.store(key, parts, rec)
+        return rec
+
+    def composition(self, target: str, method: str, k: int, params: dict[str, float], task: Any,
+                    sweep: str | None) -> EvalRecord:
+        from adapterbank.compose import compose
+
+        card = self.cards[target]
+        base = getattr(card, "base_model", None)
+        p_t = self.proto(target)
+        exclude = [] if self.include_self else [target]
+        hits = self.bank.search(p_t, k=k, base_model=base, exclude=exclude)
+        ids = [h.id for h in hits]
+        parts = {"v": CACHE_SCHEMA, "target": target, "method": method, "k": k, "params": params,
+                 "include_self": self.include_self, "evaluator": self.ev_id, "target_prototype": p_t.digest(),
+                 "pool": [[i, self.digest(i), self.proto(i).digest()] for i in ids]}
+        key = _cache_key(parts)
+        hit = self.lookup(key, parts)
+        if hit is not None:
+            return _copy(hit, sweep=sweep)
+        comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, base_model=base, exclude=exclude)
+        if list(comp.ids) != ids:  # pragma: no cover - retrieval is deterministic
+            log.warning("retrieval changed between search and compose for %s: %s vs %s", target, ids, comp.ids)
+        metrics, dt = self.score(comp.adapter, task, target, method)
+        rec = EvalRecord(target, method, k, dict(params), {a: float(b) for a, b in comp.params.items()},
+                         list(comp.ids), [float(d) for d in comp.distances], [float(w) for w in comp.weights],
+                         str(comp.status), metrics, sweep=sweep, include_self=self.include_self, seconds=dt)
+        self.store(key, parts, _copy(rec, sweep=None))
+        return rec
+
+    def lambda_path(self, target: str, k: int, chosen: float | None) -> LambdaPath | None:
+        from adapterbank.compose.solvers import sparse_path
+
+        card = self.cards[target]
+        p_t = self.proto(target)
+        exclude = [] if self.include_self else [target]
+        hits = self.bank.search(p_t, k=k, base_model=getattr(card, "base_model", None), exclude=exclude)
+        if len(hits) < 2:
+            return None
+        ids = [h.id for h in hits]
+        P = np.stack([self.proto(i).vector for i in ids]).astype(np.float64)  # (k, d)
+        lams, W = sparse_path(P, p_t.vector.astype(np.float64))  # (m,), (m, k)
+        return LambdaPath(target, ids, [float(x) for x in np.asarray(lams)],
+                          [[float(x) for x in row] for row in np.asarray(W)], chosen)
+
+    def prototype_map(self) -> PrototypeMap | None:
+        ids = sorted(i for i in self.cards if self.has_proto(i))
+        if len(ids) < 2:
+            return None
+        X = np.stack([self.proto(i).vector for i in ids])
+        Y, ev = pca_2d(X)
+        sp = self.proto(ids[0]).space.key
+        return PrototypeMap(ids, [[float(a), float(b)] for a, b in Y], [float(x) for x in ev], sp)
+
+
+def _copy(rec: EvalRecord, *, sweep: str | None) -> EvalRecord:
+    return EvalRecord.from_dict({**rec.to_dict(), "sweep": sweep})
+
+
+def evaluate(
+    bank: Bank,
+    evaluator: Evaluator | str,
+    *,
+    strategies: Sequence[str] | str = ALL_STRATEGIES,
+    k: int = 5,
+    params: Mapping[str, Mapping[str, float]] | None = None,
+    targets: Sequence[str] | None = None,
+    include_self: bool = False,
+    baselines: Sequence[str] = BASELINES,
+    sweep_k: Sequence[int] | None = None,
+    sweep_lam: Sequence[float] | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = False,
+    tasks: Mapping[str, Any] | None = None,
+    space: PrototypeSpace | str | None = None,
+) -> EvalResults:
+    """Leave-one-out evaluation of every composition strategy on every adapter's task.
+
+    For each target (default: every adapter with a prototype, sorted by id; with ``tasks``, those in it):
+    retrieve the ``k`` nearest *other* adapters (the target is excluded unless ``include_self``), weigh them
+    with each strategy, merge exactly, and call ``evaluator(composite, task)``. Baselines: ``"pretrained"``
+    calls ``evaluator(None, task)``, ``"sft"`` calls it with the target's own adapter.
+
+    Args:
+        bank: an open :class:`~adapterbank.bank.Bank`.
+        evaluator: ``(adapter | None, task) -> {metric: float}``, or a ``"module:function"`` spec.
+        strategies: strategy names, or ``"all"``.
+        k: adapters retrieved per target for the main table.
+        params: per-strategy parameters, e.g. ``{"sparse": {"lam_rel": 0.1}, "sim": {"tau_rel": 1.0}}``.
+        targets: ids to hold out in turn.
+        include_self: keep the target's own adapter in the pool (seed paper, Table 6).
+        baselines: which of ``"pretrained"``, ``"sft"`` to score.
+        sweep_k: extra k values; every strategy but ``nearest`` is scored at each (score-vs-k series).
+        sweep_lam: ``lam_rel`` values for ``sparse`` at ``k`` (score-vs-λ series).
+        cache_dir: folder of JSON cache files; a rerun only calls the evaluator for what changed. The key holds
+            the evaluator's ``cache_key`` attribute (or ``module:qualname``) — change it when the evaluator or
+            its tasks change.
+        progress: show a tqdm progress bar (stderr).
+        tasks: ``{target id: task}`` handed to the evaluator; default: the target's card.
+        space: the prototype space (or its key) to evaluate in; needed when the bank holds several.
+
+    Returns:
+        :class:`EvalResults`: every record with its inputs, the sparse λ-paths and a PCA map of the prototypes.
+
+    Example (a bank whose adapters have prototypes)::
+
+        >>> res = evaluate(bank, "my_evals:score", k=3, cache_dir=".cache")   # doctest: +SKIP
+        >>> res.table("accuracy")["task-a"]["sparse"]                            # doctest: +SKIP
+    """
+    from adapterbank.compose import versions
+
+    ev: Evaluator = load_evaluator(evaluator) if isinstance(evaluator, str) else evaluator
+    if not callable(ev):
+        raise FormatError(f"The 'evaluator' parameter of evaluate must be callable or 'module:function'. "
+                          f"Got {type(ev).__name__} instead.")
+    strats = _norm_strategies(strategies)
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        raise FormatError(f"The 'k' parameter of evaluate must be a positive int. Got {k!r} instead.")
+    bl = list(dict.fromkeys(baselines or ()))
+    for b in bl:
+        if b not in BASELINES:
+            raise UnknownNameError(f"Unknown baseline {b!r}. Valid baselines: {', '.join(BASELINES)}.")
+    prm = _norm_params(params, strats)
+    ks = _check_positive_ints("sweep_k", sweep_k)
+    lams = _check_positive_floats("sweep_lam", sweep_lam)
+    cdir = Path(cache_dir) if cache_dir is not None else None
+    if cdir is not None:
+        cdir.mkdir(parents=True, exist_ok=True)
+
+    spaces = {sp.key: sp for sp in bank.spaces()}
+    if isinstance(space, str):
+        if space not in spaces:
+            raise UnknownNameError(f"No prototypes in space {space!r}; the bank has {', '.join(sorted(spaces)) or 'none'}.")
+        space = spaces[space]
+    elif space is None:
+        if len(spaces) > 1:
+            raise _errors.PrototypeSpaceError(
+                f"The bank holds prototypes in {len(spaces)} spaces ({', '.join(sorted(spaces))}); pass space= "
+                "to choose the one to evaluate in.")
+        space = next(iter(spaces.values()), None)
+    run = _Runner(bank, ev, cdir, include_self, space)
+    with_proto = sorted(i for i in run.cards if run.has_proto(i))
+    if targets is None:
+        tgt = [i for i in with_proto if tasks is None or i in tasks]
+        skipped = sorted(set(with_proto) - set(tgt))
+        if skipped:
+            log.info("no task given for %s; not used as targets", skipped)
+    else:
+        tgt = list(dict.fromkeys(targets))
+        for t in tgt:
+            if t not in run.cards:
+                raise UnknownNameError(f"Target {t!r} is not in the bank. Adapters: {', '.join(sorted(run.cards))}.")
+            if t not in with_proto:
+                raise UnknownNameError(f"Target {t!r} has no prototype{' in space ' + space.key if space else ''}; "
+                                       f"adapters with one: {', '.join(with_proto) or 'none'}.")
+            if tasks is not None and t not in tasks:
+                raise UnknownNameError(f"Target {t!r} has no entry in 'tasks'. Tasks given: {', '.join(map(str, tasks))}.")
+    if not tgt:
+        raise UnknownNameError("No target to evaluate: no adapter in the bank has a prototype"
+                               + (" and a task" if tasks is not None else "") + ".")
+
+    jobs: list[tuple[str, str, int | None, dict[str, float], str | None]] = []
+    for t in tgt:
+        jobs += [(t, b, None, {}, None) for b in bl]
+        jobs += [(t, s, k, prm.get(s, {}), None) for s in strats]
+        jobs += [(t, s, kk, prm.get(s, {}), "k") for kk in ks for s in strats if s != "nearest"]
+        base_sparse = {a: b for a, b in prm.get("sparse", {}).items() if a not in ("lam", "lam_rel")}
+        jobs += [(t, "sparse", k, {**base_sparse, "lam_rel": lam}, "lam") for lam in lams]
+
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    records: list[EvalRecord] = []
+    for t, method, kk, p, sweep in tqdm(jobs, desc="evaluate", unit="eval", disable=not progress):
+        task = tasks[t] if tasks is not None else run.cards[t]
+        if kk is None:
+            records.append(run.baseline(t, method, task))
+        else:
+            records.append(run.composition(t, method, kk, p, task, sweep))
+
+    paths: dict[str, LambdaPath] = {}
+    for t in tgt:
+        sp = next((r for r in records if r.target == t and r.method == "sparse" and r.sweep is None), None)
+        chosen = sp.effective_params.get("lam") if sp is not None else None
+        try:
+            lp = run.lambda_path(t, k, chosen)
+        except (AdapterbankError, ImportError, ValueError, np.linalg.LinAlgError) as e:
+            log.warning("no λ-path for target %s: %s", t, e)
+            lp = None
+        if lp is not None:
+            paths[t] = lp
+
+    config = {"strategies": strats, "k": k, "params": prm, "include_self": include_self, "baselines": bl,
+              "sweep_k": ks, "sweep_lam": lams, "evaluator": run.ev_id,
+              "space": run.space.key if run.space is not None else None, "targets": tgt}
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
+            "bank": str(getattr(bank, "root", getattr(bank, "path", ""))), "n_adapters": len(run.cards),
+            "evaluator_calls": run.n_calls, "cache_hits": run.n_cached,
+            "seconds": round(time.perf_counter() - t_start, 3)}
+    log.info("evaluated %d targets: %d evaluator calls, %d cache hits", len(tgt), run.n_calls, run.n_cached)
+    return EvalResults(records=records, targets=tgt, config=config, lambda_paths=paths,
+                       prototype_map=run.prototype_map(), meta=meta)
+

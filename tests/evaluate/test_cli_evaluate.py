@@ -1,0 +1,58 @@
+"""`adapterbank evaluate` end to end on the toy bank: tables printed, report written, cache reused."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from typer.testing import CliRunner
+
+from adapterbank.cli import app
+
+EVAL_FILE = '''
+import torch
+from pathlib import Path
+
+CALLS = Path(__file__).with_suffix(".calls")
+
+def score(adapter, card):
+    with CALLS.open("a") as fh:
+        fh.write(card.id + "\\n")
+    if adapter is None:
+        return {"norm": 0.0}
+    return {"norm": float(sum(float((d * d).sum()) for d in adapter.deltas(torch.float64).values()) ** 0.5)}
+'''
+
+
+def test_evaluate_command_prints_tables_writes_report_and_caches(toy_bank: Any, tmp_path: Path) -> None:
+    ev = tmp_path / "norm_eval.py"
+    ev.write_text(textwrap.dedent(EVAL_FILE))
+    out = tmp_path / "report"
+    args = ["evaluate", str(toy_bank.path), "--evaluator", f"{ev}:score", "-k", "3", "-o", str(out),
+            "--strategies", "avg,sparse", "--no-plots"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "norm" in r.output and "Sparse" in r.output and "Pre-trained" in r.output
+    res = json.loads((out / "results.json").read_text())
+    methods = {rec["method"] for rec in res["records"]}
+    assert {"pretrained", "sft", "avg", "sparse"} <= methods
+    assert (out / "index.html").is_file() and (out / "results.md").is_file()
+    calls = ev.with_suffix(".calls").read_text().splitlines()
+    n_targets = len(res["targets"])
+    assert len(calls) == 4 * n_targets  # pretrained, sft, avg, sparse per target
+    r2 = CliRunner().invoke(app, args)  # everything cached: the evaluator is not called again
+    assert r2.exit_code == 0, r2.output
+    assert ev.with_suffix(".calls").read_text().splitlines() == calls
+
+
+def test_evaluate_command_refuses_unknown_strategy_and_evaluator(toy_bank: Any, tmp_path: Path) -> None:
+    from adapterbank.errors import AdapterbankError
+
+    r = CliRunner().invoke(app, ["evaluate", str(toy_bank.path), "--evaluator", "no_such_mod_xyz:score"])
+    assert r.exit_code != 0 and isinstance(r.exception, AdapterbankError) and "no_such_mod_xyz" in str(r.exception)
+    ev = tmp_path / "e.py"
+    ev.write_text("def score(a, t):\n    return {'x': 1.0}\n")
+    r = CliRunner().invoke(app, ["evaluate", str(toy_bank.path), "--evaluator", f"{ev}:score", "--strategies", "best"])
+    assert r.exit_code != 0 and isinstance(r.exception, AdapterbankError) and "best" in str(r.exception)
