@@ -1,0 +1,406 @@
+"""The ``adapterbank`` command line: parse, validate, call one library function, print a summary.
+
+This is the only module that configures logging and prints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from adapterbank.errors import AdapterbankError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="A bank of LoRA adapters with task prototypes: retrieve, weigh (sparse projection), merge exactly.")
+console = Console()
+err = Console(stderr=True)
+
+ENCODERS_FILE = "encoders.json"
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def _open(bank: Path) -> Any:
+    from adapterbank.bank import Bank
+
+    return Bank.open(bank)
+
+
+def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
+    """Record which encoder spec made a prototype space, so later commands can default to it."""
+    from adapterbank._io import atomic_write_bytes
+
+    f = bank_dir / ENCODERS_FILE
+    data = json.loads(f.read_text()) if f.exists() else {}
+    if data.get(space_key) != spec:
+        data[space_key] = spec
+        atomic_write_bytes(f, json.dumps(data, indent=2).encode())
+
+
+def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
+    if bank_dir is None or not (bank_dir / ENCODERS_FILE).exists():
+        return None
+    data = json.loads((bank_dir / ENCODERS_FILE).read_text())
+    specs = sorted(set(data.values()))
+    if len(specs) > 1:
+        raise typer.BadParameter(f"The bank has prototypes from several encoders {specs}; pass --encoder.")
+    return specs[0] if specs else None
+
+
+def _encoder(spec: str | None, bank_dir: Path | None = None) -> tuple[Any, str]:
+    from adapterbank.prototypes import load_encoder
+
+    spec = spec or _bank_encoder_spec(bank_dir) or "default"
+    return load_encoder(spec), spec
+
+
+def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
+            encoder: str | None, column: str | None, batch_size: int = 32) -> Any:
+    """A target prototype from samples, a description or a prototype file (exactly one)."""
+    from adapterbank.prototypes import Prototype, compute_prototype, describe
+
+    given = [x is not None for x in (target, description, prototype)]
+    if sum(given) != 1:
+        raise typer.BadParameter("Give exactly one of --target SAMPLES, --description TEXT, --prototype FILE.npy.")
+    if prototype is not None:
+        return Prototype.load(prototype)
+    enc, _ = _encoder(encoder, bank_dir)
+    if description is not None:
+        return describe(enc, description)
+    return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
+
+
+def _weights_table(title: str, rows: list[tuple[str, float, float]]) -> Table:
+    t = Table(title=title)
+    t.add_column("adapter")
+    t.add_column("distance", justify="right")
+    t.add_column("weight", justify="right")
+    for i, d, w in rows:
+        t.add_row(i, f"{d:.4g}", f"[bold]{w:+.4f}[/bold]" if abs(w) > 1e-9 else f"{w:+.4f}")
+    return t
+
+
+def _card_table(cards: list[Any]) -> Table:
+    t = Table()
+    for c in ("id", "base model", "format", "rank", "targets", "tags", "prototype spaces"):
+        t.add_column(c)
+    for c in cards:
+        t.add_row(c.id, str(c.base_model), c.format, str(c.rank), str(len(c.targets)), ",".join(c.tags),
+                  "\n".join(c.prototype_spaces))
+    return t
+
+
+def _csv(s: str | None) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+@app.command()
+def init(bank: Path = typer.Argument(..., help="Directory to create the bank in.")) -> None:
+    """Create an empty bank (SQLite catalog + content-addressed blobs)."""
+    from adapterbank.bank import Bank
+
+    Bank.init(bank)
+    console.print(f"Initialised bank at [bold]{bank}[/bold]")
+
+
+@app.command()
+def add(
+    bank: Path,
+    source: Path = typer.Argument(..., help="A PEFT folder, a kohya .safetensors file or a diffusers LoRA."),
+    id: Optional[str] = typer.Option(None, "--id", help="Adapter id (default: the folder/file name)."),
+    samples: Optional[Path] = typer.Option(None, help="JSONL/CSV/Parquet file or image folder of the task's data."),
+    description: Optional[str] = typer.Option(None, help="Text description (prototype for adapters without data)."),
+    encoder: Optional[str] = typer.Option(None, help="Encoder: a HF/sentence-transformers model dir, 'default', or module:function."),
+    column: Optional[str] = typer.Option(None, help="Text column of --samples."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model id (checked against the adapter's)."),
+    format: Optional[str] = typer.Option(None, help="peft, kohya or diffusers (default: detect)."),
+    tags: Optional[str] = typer.Option(None, help="Comma-separated tags."),
+    license: Optional[str] = typer.Option(None),
+    source_url: Optional[str] = typer.Option(None),
+    allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
+    replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
+    batch_size: int = typer.Option(32),
+) -> None:
+    """Add an adapter (and its task prototype) to the bank."""
+    from adapterbank.prototypes import compute_prototype, describe
+
+    b = _open(bank)
+    proto = None
+    if samples is not None or description is not None:
+        enc, spec = _encoder(encoder, bank)
+        if samples is not None:
+            proto = compute_prototype(enc, samples, column=column, batch_size=batch_size, progress=sys.stderr.isatty(),
+                                      description=description)
+        else:
+            proto = describe(enc, description)
+        _remember_encoder(bank, proto.space.key, spec)
+    card = b.add(source, id=id, prototype=proto, description=description, tags=_csv(tags), license=license,
+                 source_url=source_url, base_model=base, format=format, allow_pickle=allow_pickle, replace=replace)
+    console.print(f"Added [bold]{card.id}[/bold] ({card.format}, base {card.base_model}, rank {card.rank}, "
+                  f"{len(card.targets)} modules)" + (f", prototype in {proto.space.key}" if proto else ", no prototype"))
+
+
+@app.command("list")
+def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None)) -> None:
+    """List the adapters in the bank."""
+    cards = _open(bank).list(base_model=base, tags=_csv(tag) or None)
+    console.print(_card_table(cards))
+
+
+@app.command()
+def show(bank: Path, id: str) -> None:
+    """Show one adapter's card as JSON."""
+    console.print_json(json.dumps(_open(bank).get(id).to_dict(), default=str))
+
+
+@app.command()
+def remove(bank: Path, id: str) -> None:
+    """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
+    _open(bank).remove(id)
+    console.print(f"Removed {id}")
+
+
+@app.command()
+def verify(bank: Path) -> None:
+    """Re-hash every blob and check the catalog; exit 1 on damage."""
+    rep = _open(bank).verify()
+    for p in rep.problems:
+        console.print(f"[red]{p}[/red]")
+    console.print(f"checked {rep.checked} blobs: " + ("[green]ok[/green]" if rep.ok else "[red]DAMAGED[/red]"))
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def gc(bank: Path) -> None:
+    """Delete orphan blobs and temp files left by interrupted writes."""
+    console.print(f"removed {_open(bank).gc()} orphan files")
+
+
+@app.command()
+def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
+           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit).")) -> None:
+    """Write an adapter from the bank to a folder/file."""
+    path = _open(bank).export(id, out, format=format)
+    console.print(f"Wrote {path}")
+
+
+@app.command()
+def prototype(
+    bank: Optional[Path] = typer.Argument(None, help="Bank (to reuse its encoder); optional."),
+    samples: Optional[Path] = typer.Argument(None, help="JSONL/CSV/Parquet file or image folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output .npy (a .npy.json sidecar records the space)."),
+    description: Optional[str] = typer.Option(None),
+    encoder: Optional[str] = typer.Option(None),
+    column: Optional[str] = typer.Option(None),
+    batch_size: int = typer.Option(32),
+) -> None:
+    """Compute a task prototype (Eq. 1) from samples or a description."""
+    if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
+        bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
+    p = _target(bank, samples, description, None, encoder, column, batch_size)
+    path = p.save(out)
+    console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
+
+
+@app.command()
+def search(
+    bank: Path,
+    target: Optional[Path] = typer.Option(None, help="Samples of the target task."),
+    description: Optional[str] = typer.Option(None),
+    prototype: Optional[Path] = typer.Option(None, help="A prototype .npy from `adapterbank prototype`."),
+    k: int = typer.Option(5, "-k"),
+    base: Optional[str] = typer.Option(None, "--base"),
+    tag: Optional[str] = typer.Option(None),
+    encoder: Optional[str] = typer.Option(None),
+    column: Optional[str] = typer.Option(None),
+) -> None:
+    """The k nearest adapters to a target prototype."""
+    b = _open(bank)
+    p = _target(bank, target, description, prototype, encoder, column)
+    hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
+    t = Table(title=f"top-{k} in {p.space.key}")
+    t.add_column("adapter")
+    t.add_column("squared distance", justify="right")
+    for h in hits:
+        t.add_row(h.id, f"{h.distance:.6g}")
+    console.print(t)
+
+
+@app.command("compose")
+def compose_cmd(
+    bank: Path,
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the composite adapter."),
+    target: Optional[Path] = typer.Option(None, help="Samples of the target task (JSONL/CSV/Parquet/images)."),
+    description: Optional[str] = typer.Option(None, help="Text description of the target task."),
+    prototype: Optional[Path] = typer.Option(None, help="A target prototype .npy."),
+    k: int = typer.Option(5, "-k", help="How many adapters to retrieve."),
+    strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse or nearest."),
+    lam: Optional[float] = typer.Option(None, help="Sparse: absolute λ (default: scale-free, see --lam-rel)."),
+    lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
+    tau: Optional[float] = typer.Option(None, help="Sim: absolute temperature τ."),
+    tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
+    base: Optional[str] = typer.Option(None, "--base", help="Only adapters of this base model."),
+    tag: Optional[str] = typer.Option(None, help="Only adapters with these comma-separated tags."),
+    exclude: Optional[str] = typer.Option(None, help="Comma-separated ids to leave out."),
+    ids: Optional[str] = typer.Option(None, help="Compose exactly these ids (no retrieval)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Truncate each module exactly to this rank."),
+    format: str = typer.Option("peft", help="Output format: peft, kohya or diffusers."),
+    merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
+    lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
+    encoder: Optional[str] = typer.Option(None),
+    column: Optional[str] = typer.Option(None),
+) -> None:
+    """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
+    from adapterbank.compose import compose
+
+    b = _open(bank)
+    p = _target(bank, target, description, prototype, encoder, column)
+    params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
+    comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
+                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, lambda_path=lambda_path)
+    path = comp.save(out, format=format, merge_into=merge_into)
+    eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
+    console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
+                                 comp.weight_table()))
+    if comp.truncation_error:
+        errs = comp.truncation_error.values()
+        console.print(f"rank {rank}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
+    console.print(f"Wrote {format} composite to [bold]{path}[/bold] (recipe in composition.json)")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    bank: Path,
+    evaluator: str = typer.Option(..., "--evaluator", help="The scoring function, as module:function "
+                                  "(or path/to/file.py:function): (adapter | None, task) -> {metric: value}."),
+    strategies: str = typer.Option("all", help="Comma-separated strategies, or 'all'."),
+    k: int = typer.Option(5, "-k", help="Adapters retrieved per target."),
+    out: Path = typer.Option(Path("report"), "-o", "--out", help="Report folder (results.json/md, PNGs, index.html)."),
+    include_self: bool = typer.Option(False, help="Keep each target's own adapter in the pool (Table 6 ablation)."),
+    sweep_k: Optional[str] = typer.Option(None, help="Extra k values, e.g. '1-8' or '2,4,8'."),
+    sweep_lam: Optional[str] = typer.Option(None, help="Extra λ_rel values for sparse, e.g. '0.01,0.1,1'."),
+    lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
+    tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: OUT/.cache); a rerun computes only what changed."),
+    lower_is_better: Optional[str] = typer.Option(None, help="Comma-separated metrics where lower is better."),
+    plots: bool = typer.Option(True, help="Write PNG plots."),
+) -> None:
+    """Leave-one-out: each adapter's task is composed from the others and scored by your evaluator."""
+    from adapterbank.evaluate import load_results
+    from adapterbank.evaluate.cli_support import run_evaluate
+    from adapterbank.evaluate.report import score_rows
+    from adapterbank.evaluate.results import display_name
+
+    params: dict[str, dict[str, float]] = {}
+    if lam_rel is not None:
+        params["sparse"] = {"lam_rel": lam_rel}
+    if tau_rel is not None:
+        params["sim"] = {"tau_rel": tau_rel}
+    low = _csv(lower_is_better)
+    path = run_evaluate(bank, evaluator, strategies, k, out, include_self, sweep_k, sweep_lam,
+                        cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
+                        params=params or None, lower_is_better=low, plots=plots)
+    res = load_results(path / "results.json")
+    for metric in res.metrics:
+        cols, rows = score_rows(res, metric, metric in low)
+        t = Table(title=f"{metric} ({'lower' if metric in low else 'higher'} is better; bold: best zero-shot)")
+        t.add_column("target")
+        for c in cols:
+            t.add_column(display_name(c), justify="right")
+        for label, cells in rows:
+            t.add_row(label, *[f"[bold]{txt}[/bold]" if bold else txt for txt, bold in cells])
+        console.print(t)
+    console.print(f"Report: [bold]{path / 'index.html'}[/bold]")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "-o", "--out", help="Output folder: bank/, report/, composites/."),
+    k: int = typer.Option(5, "-k", help="Adapters retrieved per target."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated domains to hold out (default: all six)."),
+    quick: bool = typer.Option(False, "--quick", help="One target, 20 test pairs, 16 texts per prototype, no PNGs "
+                               "(a smoke test; the scores then differ from the benchmark's)."),
+    plots: bool = typer.Option(True, help="Write the PNG figures of the report."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default). On a busy 2-core machine 1 is fastest."),
+) -> None:
+    """Leave-one-out composition of six real trained LoRAs (all-MiniLM-L6-v2, docstring search), offline, ~1-2 min on a CPU."""
+    import time
+
+    from adapterbank.demo import QUICK, run_demo, weight_table
+    from adapterbank.evaluate.report import score_rows
+    from adapterbank.evaluate.results import display_name
+
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    tgt = _csv(targets) or (QUICK["targets"] if quick else None)
+    extra: dict[str, Any] = {"n_test": QUICK["n_test"], "proto_n": QUICK["proto_n"], "plots": False} if quick else {"plots": plots}
+    t0 = time.perf_counter()
+    with console.status("starting") as status:
+        def step(m: str) -> None:
+            status.update(m)
+            console.log(m)
+
+        res = run_demo(out, k=k, targets=tgt, step=step, progress=sys.stderr.isatty(), **extra)
+    results = res.results
+    for metric in results.metrics:
+        cols, rows = score_rows(results, metric)
+        t = Table(title=f"{metric} on each held-out domain's test queries (bold: best zero-shot; k={k})")
+        t.add_column("target")
+        for c in cols:
+            t.add_column(display_name(c), justify="right")
+        for label, cells in rows:
+            t.add_row(label, *[f"[bold]{txt}[/bold]" if bold else txt for txt, bold in cells])
+        console.print(t)
+    for target in results.targets:
+        ids, wrows = weight_table(res, target)
+        t = Table(title=f"weights composing '{target}' from the others (columns: retrieved adapters, d = prototype distance)")
+        t.add_column("strategy")
+        for i, d in ids:
+            t.add_column(f"{i}\nd={d:.3f}", justify="right")
+        for name, ws in wrows:
+            t.add_row(display_name(name), *[f"{w:+.2f}" if w else "·" for w in ws])
+        console.print(t)
+    t = Table(title=f"'{res.check_target}': each composite saved as PEFT and loaded with PeftModel.from_pretrained")
+    t.add_column("strategy")
+    t.add_column("rank", justify="right")
+    t.add_column("max |PEFT − (W₀ + Σ w_i ΔW_i)|", justify="right")
+    for s, e in res.max_abs_error.items():
+        t.add_row(display_name(s), str(res.ranks[s]), f"{e:.1e}")
+    console.print(t)
+    ok = all(v < 1e-4 for v in res.max_abs_error.values())
+    console.print("Every composite matched the dense Σ w_i ΔW_i: " + ("[green]yes[/green]" if ok else "[red]NO[/red]"))
+    console.print(f"Report: [bold]{res.report / 'index.html'}[/bold]  (bank and composites in {res.out}; "
+                  f"{time.perf_counter() - t0:.0f} s)")
+    raise typer.Exit(0 if ok else 1)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("ADAPTERBANK_LOG", "WARNING"),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except AdapterbankError as e:
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+    except FileNotFoundError as e:
+        err.print(f"[red]error:[/red] {e}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
