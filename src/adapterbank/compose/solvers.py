@@ -125,6 +125,11 @@ def gram(P: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     True
     """
     P, t = check_problem(P, t, "gram")
+    return _gram(P, t)
+
+
+def _gram(P: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`gram` on already-checked float64 arrays."""
     mean, Pc = _centre(P)
     tc = t - mean  # t̃ (d,)
     G = Pc @ Pc.T  # (k, k)
@@ -183,7 +188,7 @@ def solve_lin(P: np.ndarray, t: np.ndarray) -> SolveResult:
     ([-2.0, 2.0, 1.0], 'optimal')
     """
     P, t = check_problem(P, t, "lin")
-    G, c, _ = gram(P, t)
+    G, c, _ = _gram(P, t)
     W, degenerate = _lin_from_gram(G, c[None, :])
     w = W[0]
     return SolveResult(w, _objective(P, t, w), "optimal (min-norm, degenerate)" if degenerate else "optimal", 1)
@@ -548,7 +553,7 @@ def solve_sparse(P: np.ndarray, t: np.ndarray, lam: float) -> SolveResult:
     """
     P, t = check_problem(P, t, "sparse")
     lam = float(_check_lam(lam, "sparse"))
-    G, c, _ = gram(P, t)
+    G, c, _ = _gram(P, t)
     w, status, it = _solve_sparse_gram(G, c, lam)
     return SolveResult(w, _objective(P, t, w, lam), status, it)
 
@@ -565,7 +570,7 @@ def lambda_max(P: np.ndarray, t: np.ndarray) -> float:
     1.0
     """
     P, t = check_problem(P, t, "lambda_max")
-    G, c, tt = gram(P, t)
+    G, c, tt = _gram(P, t)
     return _lambda_max_gram(G, c, tt)
 
 
@@ -598,7 +603,7 @@ def sparse_path(P: np.ndarray, t: np.ndarray, lams: np.ndarray | None = None) ->
     ([-2.0, 2.0, 1.0], [0.0, 1.0, 0.0])
     """
     P, t = check_problem(P, t, "sparse_path")
-    G, c, tt = gram(P, t)
+    G, c, tt = _gram(P, t)
     k = G.shape[0]
     if lams is None:
         lmax = _lambda_max_gram(G, c, tt)
