@@ -204,10 +204,17 @@ def _l2_normalize(arr: np.ndarray) -> np.ndarray:
 
 
 class _DimMixin:
-    """Learns ``dim`` from the first output and refuses a different one later."""
+    """Learns ``dim`` from the first output and refuses a different one later; gives the prototype space."""
 
     _dim: int | None = None
     name: str = ""
+    revision: str = ""
+    pooling: str = ""
+    normalize: bool = False
+
+    @property
+    def space(self) -> PrototypeSpace:
+        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
 
     def _record_dim(self, arr: np.ndarray) -> None:
         d = int(arr.shape[1])
@@ -217,8 +224,9 @@ class _DimMixin:
             raise ShapeMismatchError(
                 f"Encoder {self.name!r} returned dim {d}, but earlier outputs had dim {self._dim}.")
 
-    def _probe(self) -> None:  # pragma: no cover - overridden
-        raise EncoderError(f"Encoder {self.name!r} does not know its dim until it has encoded something.")
+    def _probe(self) -> None:
+        """Encode one dummy text to learn ``dim`` (vision and callable encoders override this)."""
+        self.encode(["dim probe"])  # type: ignore[attr-defined]
 
     @property
     def dim(self) -> int:
@@ -279,13 +287,6 @@ class HFTextEncoder(_DimMixin):
         self._dim = None
         logger.info("HFTextEncoder %s@%s: pooling=%s normalize=%s max_length=%d", self.name, self.revision,
                     self.pooling, self.normalize, self.max_length)
-
-    def _probe(self) -> None:
-        self.encode(["dim probe"])
-
-    @property
-    def space(self) -> PrototypeSpace:
-        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
 
     def encode(self, batch: list[Any]) -> np.ndarray:
         """Features of a list of strings, (n, dim) float32.
@@ -383,13 +384,6 @@ class SentenceTransformerEncoder(_DimMixin):
         logger.info("SentenceTransformerEncoder %s@%s: pooling=%s normalize=%s", self.name, self.revision,
                     self.pooling, self.normalize)
 
-    def _probe(self) -> None:
-        self.encode(["dim probe"])
-
-    @property
-    def space(self) -> PrototypeSpace:
-        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
-
     def encode(self, batch: list[Any]) -> np.ndarray:
         """Features of a list of strings, (n, dim) float32, one ``SentenceTransformer.encode`` call."""
         texts = _as_texts(batch, self.name)
@@ -475,10 +469,6 @@ class HFVisionEncoder(_DimMixin):
 
         self.encode([Image.new("RGB", (64, 64))])
 
-    @property
-    def space(self) -> PrototypeSpace:
-        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
-
     def _features(self, pixel_values: Any) -> Any:
         m = self.model
         if self.pooling == "pooler" and hasattr(m, "get_image_features"):  # CLIP / SigLIP image tower
@@ -548,10 +538,6 @@ class CallableEncoder(_DimMixin):
 
     def _probe(self) -> None:
         raise EncoderError(f"CallableEncoder {self.name!r} does not know its dim before its first encode; pass dim=.")
-
-    @property
-    def space(self) -> PrototypeSpace:
-        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
 
     def encode(self, batch: list[Any]) -> np.ndarray:
         items = list(batch)
