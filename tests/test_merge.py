@@ -403,3 +403,20 @@ def test_streams_one_tensor_at_a_time(saved: dict[str, Path], base_model: Any, t
     assert peak["n"] == 1
     with safe_open(tmp_path / "o" / "model.safetensors", "pt") as f:
         assert len(list(f.keys())) == len(base_model.state_dict())
+
+
+def test_residual_adapter_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A GRASP residual module (y = FFN(x) + B φ(A x)) has no ΔW: merging it would be silently wrong."""
+    from adapterbank.errors import OutputExistsError, UnsupportedAdapterError
+
+    save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    res = LoraAdapter({"fc": LoraModule(torch.ones(1, 2), torch.ones(2, 1), 1.0, (2, 2), kind="residual")})
+    with pytest.raises(UnsupportedAdapterError, match="residual"):
+        merge_into_files(tmp_path, res, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep")
+    ok = LoraAdapter({"fc": LoraModule(torch.ones(1, 2), torch.ones(2, 1), 1.0, (2, 2))})
+    with pytest.raises(OutputExistsError):
+        merge_into_files(tmp_path / "model.safetensors", ok, tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep"

@@ -27,9 +27,13 @@ from typing import Any, Literal
 
 import torch
 
-from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError
+from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 
-ModuleKind = Literal["linear", "conv", "embedding"]
+ModuleKind = Literal["linear", "conv", "embedding", "residual"]
+#: ``kind="residual"``: a GRASP residual adapter y = FFN(x) + s·B φ(A x), φ = GELU (erf) — A = D (r, d_in),
+#: B = U (d_out, r), ``weight_shape`` = (d_out, d_in) of the FFN site. It is not a weight update: it has no
+#: dense ΔW, cannot be truncated by SVD or merged into weights, and composes by concatenation with the
+#: weights on B (φ is elementwise, so Σ_i w_i s_i B_i φ(A_i x) = [w_1 s_1 B_1 … w_k s_k B_k] φ([A_1; …; A_k] x)).
 
 __all__ = [
     "LoraModule",
@@ -116,6 +120,7 @@ class LoraModule:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ΔW, shaped like the base weight. Forms an n_out×n_in matrix: use for checks."""
+        _refuse_residual(self, "delta() (a dense ΔW)")
         d = self.scale * (self.B.to(dtype) @ self.A.to(dtype))  # (n_out, n_in)
         if self.transposed:
             d = d.T
@@ -129,6 +134,7 @@ class LoraModule:
 
     def fro_norm(self) -> float:
         """‖ΔW‖_F computed in low-rank form: ‖s B A‖_F² = s² tr((BᵀB)(AAᵀ))."""
+        _refuse_residual(self, "fro_norm() (the norm of a dense ΔW)")
         b, a = self.B.double(), self.A.double()
         val = torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt().item()
         return abs(self.scale) * val
@@ -169,6 +175,14 @@ class LoraAdapter:
         return LoraAdapter(mods, self.base_model, dict(self.metadata))
 
 
+def _refuse_residual(m: LoraModule, what: str, name: str = "") -> None:
+    if m.kind == "residual":
+        raise UnsupportedAdapterError(
+            f"Module {name or '?'} is a GRASP residual adapter (y = FFN(x) + B φ(A x)); it has no weight update, "
+            f"so {what} is refused. Residual adapters compose exactly by concatenation (combine) only."
+        )
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # bf16/fp16 matmuls are ~100x slower than fp32 on these CPUs and lose the exactness we promise.
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -186,6 +200,8 @@ def combine(
     Low-rank concatenation: B* = [B_1 … B_k], A* = [w_1 s_1 A_1; …; w_k s_k A_k], scale 1, so rank
     R = Σ r_i over the adapters that have m and a nonzero weight. Any real weights (negative too), mixed
     ranks, rsLoRA and per-module scales; a module missing from an adapter counts as zero there.
+    Residual modules (``kind="residual"``) carry the weights on B instead: B* = [w_1 s_1 B_1 … w_k s_k B_k],
+    A* = [A_1; …; A_k], exact because φ acts elementwise on the rows of A* x.
 
     >>> a = LoraAdapter({"fc": LoraModule(torch.eye(2), torch.eye(2), 1.0, (2, 2))})
     >>> c = combine([a, a], [0.25, -1.0])
@@ -221,6 +237,11 @@ def combine(
         used = [(wi, m) for wi, m in present if wi != 0.0]
         if not used:
             continue  # ΔW* = 0 on this module
+        if ref.kind == "residual":  # weights on the up projection: φ(w·Ax) ≠ w·φ(Ax)
+            B = torch.cat([(wi * m.scale) * m.B.to(cdt) for wi, m in used], dim=1)  # (n_out, R)
+            A = torch.cat([m.A.to(cdt) for _, m in used], dim=0)  # (R, n_in)
+            out[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
+            continue
         B = torch.cat([m.B.to(cdt) for _, m in used], dim=1)  # (n_out, R)
         A = torch.empty(sum(m.rank for _, m in used), ref.A.shape[1], dtype=cdt)  # (R, n_in), one copy
         off = 0
@@ -268,6 +289,7 @@ def truncate(
     mods: dict[str, LoraModule] = {}
     errs: dict[str, float] = {}
     for name, m in adapter.modules.items():
+        _refuse_residual(m, "rank truncation by SVD", name)
         if m.rank <= rank:
             mods[name], errs[name] = m, 0.0
         else:
@@ -293,6 +315,8 @@ def merge_into(
     [2.0, 2.0]
     """
     out = dict(state_dict)
+    for name, m in adapter.modules.items():
+        _refuse_residual(m, "merging into base weights", name)
     for name, m in adapter.modules.items():
         k = key(name)
         if k not in state_dict:

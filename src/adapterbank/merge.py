@@ -49,7 +49,13 @@ import torch
 from safetensors import safe_open
 
 from adapterbank._io import atomic_write, fsync_dir, validate_name
-from adapterbank.errors import FormatError, ShapeMismatchError, UnknownNameError
+from adapterbank.errors import (
+    FormatError,
+    OutputExistsError,
+    ShapeMismatchError,
+    UnknownNameError,
+    UnsupportedAdapterError,
+)
 from adapterbank.formats.safetensors_io import DTYPES, check_header
 from adapterbank.lora import LoraAdapter, LoraModule
 
@@ -162,7 +168,7 @@ def _discover(base: Path) -> tuple[list[_Shard], Path | None, dict[str, Any] | N
 
 def _check_out_dir(out: Path) -> None:
     if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"The output folder {out} already exists and is not empty; refusing to overwrite it.")
+        raise OutputExistsError(f"The output folder {out} already exists and is not empty; refusing to overwrite it.")
 
 
 def _merged_tensor(w0: torch.Tensor, m: LoraModule, out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
@@ -236,7 +242,8 @@ def merge_into_files(
         ShapeMismatchError: a module whose tensor is missing (named) or has another shape.
         NonFiniteError: NaN/Inf in the adapter's factors.
         FormatError: unreadable or ambiguous base weights.
-        FileExistsError: ``out_dir`` exists and is not empty.
+        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``).
+        UnsupportedAdapterError: the adapter holds GRASP residual modules.
 
     >>> import tempfile
     >>> from safetensors.torch import save_file, load_file
@@ -250,6 +257,11 @@ def merge_into_files(
     t0 = time.perf_counter()
     base_p, out = Path(base), Path(out_dir)
     out_dtype = _resolve_dtype(dtype)
+    residual = [n for n, m in adapter.modules.items() if m.kind == "residual"]
+    if residual:
+        raise UnsupportedAdapterError(
+            f"Modules {residual[:3]} are GRASP residual adapters (y = FFN(x) + B φ(A x)); they have no weight "
+            "update and cannot be merged into base weights. Load them with adapterbank.grasp.attach instead.")
     adapter.check_finite()
     shards, index_path, index, extras = _discover(base_p)
     _check_out_dir(out)

@@ -13,6 +13,7 @@ Readers fail on any key they do not understand, on LoRA variants that are not Δ
 | ``peft``    | directory: ``adapter_config.json`` + ``adapter_model.safetensors`` | relative to the base model |
 | ``kohya``   | one ``.safetensors`` with ``lora_unet_…``/``lora_te…`` keys        | ``unet.…``, ``text_encoder.…`` |
 | ``diffusers`` | ``pytorch_lora_weights.safetensors`` (file or its directory)   | ``unet.…``, ``transformer.…`` |
+| ``grasp_residual`` | directory: ``grasp_residual.json`` + ``.safetensors`` (GRASP residual adapters, not ΔW) | FFN sites |
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ from adapterbank._io import validate_file_name
 from adapterbank.errors import FormatError, UnknownNameError, UnsafeFileError
 from adapterbank.formats.diffusers import WEIGHT_NAME as DIFFUSERS_WEIGHT_NAME
 from adapterbank.formats.diffusers import diffusers_file, looks_like_diffusers, read_diffusers, write_diffusers
+from adapterbank.formats.grasp_residual import (
+    grasp_residual_files,
+    is_grasp_residual_dir,
+    read_grasp_residual,
+    write_grasp_residual,
+)
 from adapterbank.formats.kohya import is_kohya_key, read_kohya, write_kohya
 from adapterbank.formats.peft import CONFIG_NAME as PEFT_CONFIG_NAME
 from adapterbank.formats.peft import PREFIX as PEFT_PREFIX
@@ -49,7 +56,7 @@ __all__ = [
     "convert_pickle",
 ]
 
-FORMATS: tuple[str, ...] = ("peft", "kohya", "diffusers")
+FORMATS: tuple[str, ...] = ("peft", "kohya", "diffusers", "grasp_residual")
 #: File name used when a kohya adapter is written into a directory.
 KOHYA_DEFAULT_NAME = "lora.safetensors"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -103,6 +110,8 @@ def detect_format(path: str | Path) -> str:
     if p.is_dir():
         if member(p, PEFT_CONFIG_NAME).is_file():
             return "peft"
+        if is_grasp_residual_dir(p):
+            return "grasp_residual"
         if member(p, DIFFUSERS_WEIGHT_NAME).is_file() or member(p, "pytorch_lora_weights.bin").is_file():
             return "diffusers"
         p = _single_weights_file(p)
@@ -147,6 +156,8 @@ def read_adapter(
     if p.is_file() and p.name == PEFT_CONFIG_NAME:
         p = p.parent
     fmt = format
+    if fmt == "grasp_residual" or (fmt is None and is_grasp_residual_dir(p)):
+        return read_grasp_residual(p, **caps)
     if fmt == "peft" or (fmt is None and p.is_dir() and member(p, PEFT_CONFIG_NAME).is_file()):
         return read_peft(p, allow_pickle=allow_pickle, **caps)
     f = p
@@ -214,6 +225,12 @@ def write_adapter(
     if not adapter.modules:
         raise FormatError("Cannot write an adapter with no modules.")
     out = Path(out)
+    if format == "grasp_residual":
+        return write_grasp_residual(adapter, out, base_model=base_model, extra_metadata=extra_metadata)
+    residual = [k for k, m in adapter.modules.items() if m.kind == "residual"]
+    if residual:
+        raise FormatError(f"Modules {residual[:3]} are GRASP residual adapters, not LoRA weight updates; they can "
+                          f"only be written with format='grasp_residual' (asked: {format!r}).")
     if format == "peft":
         return write_peft(adapter, out, base_model=base_model, extra_metadata=extra_metadata)
     if format == "diffusers":
@@ -235,7 +252,9 @@ def adapter_files(path: str | Path, format: str | None = None) -> dict[str, Path
     _check_format(format)
     p = Path(path)
     fmt = format or detect_format(p)
-    if fmt == "peft":
+    if fmt == "grasp_residual":
+        files = grasp_residual_files(p)
+    elif fmt == "peft":
         files = peft_files(p.parent if p.is_file() and p.name == PEFT_CONFIG_NAME else p)
     elif p.is_dir():
         if fmt == "diffusers" and member(p, DIFFUSERS_WEIGHT_NAME).is_file():
