@@ -89,3 +89,42 @@ def test_errors_are_clear(cli_bank):
     assert res.exit_code != 0
     res = run("list", cli_bank / "nonexistent")
     assert res.exit_code != 0
+
+
+# --- adapterbank demo (shipped trained all-MiniLM-L6-v2 LoRAs, see src/adapterbank/demo_data/) -------------
+
+def test_demo_quick(tmp_path):
+    """The README's first command, in its smoke-test size: one held-out domain, every strategy, the report."""
+    res = run("demo", "-o", tmp_path / "demo", "--quick")
+    assert res.exit_code == 0, res.output
+    for text in ("mrr@10", "recall@1", "Pre-trained", "SFT", "Sparse", "matched the dense", "yes"):
+        assert text in res.output, text
+    report = tmp_path / "demo" / "report"
+    assert (report / "index.html").exists() and (report / "results.md").exists()
+    doc = json.loads((report / "results.json").read_text())
+    methods = {r["method"] for r in doc["records"]}
+    assert {"pretrained", "sft", "avg", "sim", "lin", "sparse", "nearest"} <= methods
+    for r in doc["records"]:
+        assert 0.0 <= r["metrics"]["mrr@10"] <= 1.0
+        if r["method"] not in ("pretrained", "sft"):
+            assert r["target"] not in r["ids"] and abs(sum(r["weights"]) - 1) < 1e-6  # leave-one-out, Σw = 1
+    recipe = json.loads((tmp_path / "demo" / "composites" / "stdlib" / "sparse" / "composition.json").read_text())
+    assert "stdlib" not in recipe["weights"]
+
+
+def test_demo_scorer_cached_layers_are_exact():
+    """The demo's scorer reuses the base's layer-3 inputs; with a shipped adapter merged, it equals a full forward."""
+    from adapterbank.demo import MiniLMRetrieval, load_demo_data
+    from adapterbank.formats import read_adapter
+
+    data = load_demo_data()
+    cfg = data.manifest["config"]
+    scorer = MiniLMRetrieval(q_len=cfg["q_len"], d_len=cfg["d_len"], split=cfg["split"])
+    texts = data.test["numpy"]["docs"][:6] + ["a short text", "x"]
+    scorer.load(read_adapter(data.adapters["numpy"]))
+    with torch.inference_mode():
+        cached = scorer.upper(scorer.lower(texts, scorer.d_len))
+        full = scorer.embed(texts, scorer.d_len)
+    assert torch.allclose(cached, full, atol=1e-5)
+    base = scorer(None, data.test["numpy"])
+    assert scorer(None, data.test["numpy"]) == base  # memoised, deterministic

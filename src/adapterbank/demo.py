@@ -34,17 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_DATA", "QUICK", "weight_table", "MiniLMRetrieval", "DemoData", "DemoResult", "load_demo_data", "run_demo", "retrieval_metrics"]
+__all__ = ["DEMO_DATA", "QUICK", "DemoData", "DemoResult", "MiniLMRetrieval", "load_demo_data", "retrieval_metrics",
+           "right_ranks", "run_demo", "weight_table"]
 
 DEMO_DATA = Path(__file__).with_name("demo_data")
 MANIFEST = "manifest.json"
 BASE_ID = "sentence-transformers/all-MiniLM-L6-v2"
-QUICK: dict[str, Any] = {"targets": ["stdlib"], "n_test": 20, "proto_n": 16}  # ``adapterbank demo --quick``
+QUICK: dict[str, Any] = {"targets": ["stdlib"], "n_test": 20, "proto_n": 8}  # ``adapterbank demo --quick``
 
 
 # ----- the scorer ------------------------------------------------------------------------------------
@@ -56,6 +56,12 @@ def _mean_pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(e, dim=-1)
 
 
+def right_ranks(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """1-based rank of document i for query i among all documents (ties in its favour). q, d (n, H) -> (n,)."""
+    S = (q @ d.T).double()  # (n, n) cosine similarities
+    return (S > S.diagonal().unsqueeze(1)).sum(1) + 1
+
+
 def retrieval_metrics(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
     """MRR@10 and recall@1 when query i's right document is document i. q (n, H), d (n, H), unit rows.
 
@@ -63,9 +69,7 @@ def retrieval_metrics(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
     >>> retrieval_metrics(e, e)
     {'mrr@10': 1.0, 'recall@1': 1.0}
     """
-    S = (q @ d.T).double()  # (n, n) cosine similarities
-    right = S.diagonal().unsqueeze(1)  # (n, 1)
-    rank = (S > right).sum(1) + 1  # (n,) 1-based rank of the right document (ties in its favour)
+    rank = right_ranks(q, d)  # (n,)
     rr = torch.where(rank <= 10, 1.0 / rank.double(), torch.zeros_like(rank, dtype=torch.double))
     return {"mrr@10": float(rr.mean()), "recall@1": float((rank == 1).double().mean())}
 
@@ -126,7 +130,7 @@ class MiniLMRetrieval:
         return self._states[key]
 
     def upper(self, states: Sequence[torch.Tensor], layers: Sequence[torch.nn.Module] | None = None) -> torch.Tensor:
-        """Run ``layers`` (default: the scorer's working model's layers ``split:``) on cached states -> (n, H) unit rows."""
+        """Run ``layers`` (default: the working model's layers ``split:``) on cached states -> (n, H) unit rows."""
         layers = list(self.work.encoder.layer[self.split:]) if layers is None else list(layers)
         outs = []
         for i in range(0, len(states), self.batch):
@@ -164,7 +168,8 @@ class MiniLMRetrieval:
                 if "layer" in parts:
                     idx = int(parts[parts.index("layer") + 1])
                     if idx < self.split:
-                        raise ValueError(f"Adapter module {name!r} is below layer {self.split}, whose inputs are cached.")
+                        raise ValueError(f"Adapter module {name!r} is below layer {self.split}, "
+                                         "whose inputs are cached.")
         sd = self.base_sd if adapter is None else merge_into(self.base_sd, adapter)
         self.work.load_state_dict(sd)
 
@@ -179,6 +184,13 @@ class MiniLMRetrieval:
             for t in (m.A, m.B):
                 h.update(t.detach().contiguous().float().numpy().tobytes())
         return h.hexdigest()
+
+    def ranks(self, adapter: Any | None, task: Mapping[str, Sequence[str]]) -> torch.Tensor:
+        """Per query, the 1-based rank of its right document (for paired statistics). -> (n,) long."""
+        sq, sd = self.cached_lower(task["queries"], self.q_len), self.cached_lower(task["docs"], self.d_len)
+        self.load(adapter)
+        with torch.inference_mode():
+            return right_ranks(self.upper(sq), self.upper(sd))
 
     def __call__(self, adapter: Any | None, task: Mapping[str, Sequence[str]]) -> dict[str, float]:
         qs, ds = task["queries"], task["docs"]
@@ -238,11 +250,11 @@ class DemoResult:
     results: Any  # EvalResults
     k: int
     check_target: str
-    check_ids: list[str] = field(default_factory=list)
     max_abs_error: dict[str, float] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str] | None = None,
@@ -268,6 +280,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
 
     from adapterbank.bank import Bank
     from adapterbank.compose import STRATEGIES, compose
+    from adapterbank.errors import UnknownNameError
     from adapterbank.evaluate import evaluate, write_report
     from adapterbank.formats import read_adapter
     from adapterbank.prototypes import compute_prototype, default_text_encoder
@@ -283,7 +296,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
     tgt = list(targets) if targets is not None else doms
     for t in tgt:
         if t not in doms:
-            raise ValueError(f"Unknown demo target {t!r}. Domains: {', '.join(doms)}.")
+            raise UnknownNameError(f"Unknown demo target {t!r}. Domains: {', '.join(doms)}.")
 
     t0 = time.perf_counter()
     step("loading all-MiniLM-L6-v2 (the prototype encoder)")
@@ -312,6 +325,14 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
 
     t0 = time.perf_counter()
     step("writing the report")
+    notes = []
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plots = False
+            notes.append("No PNG figures: matplotlib is not installed (pip install 'adapterbank[report]').")
+            log.warning(notes[-1])
     report = write_report(res, out / "report", title="adapterbank demo — leave-one-out on docstring search "
                           "(all-MiniLM-L6-v2 LoRAs)", plots=plots)
     secs["report"] = time.perf_counter() - t0
@@ -319,7 +340,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
     # every composite of one target: saved as PEFT, loaded by PEFT, compared to W_0 + Σ w_i ΔW_i
     t0 = time.perf_counter()
     check = tgt[0]
-    result = DemoResult(out, Path(report), res, k, check, manifest=dd.manifest)
+    result = DemoResult(out, Path(report), res, k, check, manifest=dd.manifest, notes=notes)
     originals = {d: read_adapter(dd.adapters[d]) for d in doms}
     probe = dd.test[check]["queries"][:8]
     enc_in = scorer.tok(probe, padding=True, truncation=True, max_length=cfg["q_len"], return_tensors="pt")
@@ -329,7 +350,6 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
         comp = compose(bank, target_proto, k=k, strategy=name, exclude=[check])
         cdir = comp.save(out / "composites" / check / name)
         weights = {i: float(w) for i, w in zip(comp.ids, comp.weights, strict=True)}
-        result.check_ids = list(comp.ids) if len(comp.ids) > len(result.check_ids) else result.check_ids
         result.ranks[name] = max(comp.adapter.ranks.values(), default=0)
         sd = dict(scorer.base_sd)  # independent reference: W_0 + Σ w_i ΔW_i from the original PEFT files
         for i, w in weights.items():
@@ -363,12 +383,3 @@ def weight_table(res: DemoResult, target: str) -> tuple[list[tuple[str, float]],
     rows = [(r.method, [float(r.weight_of(i) or 0.0) for i in ids]) for r in recs]
     return [(i, dist[i]) for i in ids], rows
 
-
-def summarise(res: DemoResult) -> dict[str, np.ndarray]:
-    """Mean of each metric per method over the targets: ``{metric: array in res.results.methods order}``."""
-    out = {}
-    for metric in res.results.metrics:
-        tab = res.results.table(metric)
-        out[metric] = np.array([np.mean([tab[t][m] for t in res.results.targets if m in tab[t]])
-                                for m in res.results.methods])
-    return out
