@@ -531,3 +531,4 @@ def test_merge_into_custom_key() -> None:
     sd = {"model.q.w": torch.randn(24, 16, generator=g)}
     out = merge_into(sd, LoraAdapter({"q": m}), key=lambda n: f"model.{n}.w")
     assert rel_err(out["model.q.w"], sd["model.q.w"].double().numpy() + dense_ref(m)) < 1e-6
+
