@@ -298,6 +298,7 @@ class _Runner:
         self.digests: dict[str, str] = {}
         self.protos: dict[str, Prototype] = {}
         self.memo: dict[str, EvalRecord] = {}
+        self.composite_scores: dict[tuple[Any, ...], dict[str, float]] = {}  # same composite, same score
         self.n_calls = 0
         self.n_cached = 0
 
@@ -404,7 +405,14 @@ class _Runner:
         comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, base_model=base, exclude=exclude)
         if list(comp.ids) != ids:  # pragma: no cover - retrieval is deterministic
             log.warning("retrieval changed between search and compose for %s: %s vs %s", target, ids, comp.ids)
-        metrics, dt = self.score(comp.adapter, task, target, method)
+        # The composite is determined by its (adapter, weight) pairs: strategies that agree exactly (all of them
+        # at k=1; Sparse and Lin when λ_max = 0) are scored once per run.
+        same = (target, tuple((i, self.digest(i), float(w)) for i, w in zip(comp.ids, comp.weights) if w != 0.0))
+        if same in self.composite_scores:
+            metrics, dt = dict(self.composite_scores[same]), 0.0
+        else:
+            metrics, dt = self.score(comp.adapter, task, target, method)
+            self.composite_scores[same] = dict(metrics)
         rec = EvalRecord(target, method, k, dict(params), {a: float(b) for a, b in comp.params.items()},
                          list(comp.ids), [float(d) for d in comp.distances], [float(w) for w in comp.weights],
                          str(comp.status), metrics, sweep=sweep, include_self=self.include_self, seconds=dt)
