@@ -89,6 +89,27 @@ def test_include_self_keeps_the_target_in_the_pool(toy_bank: Any, delta_eval: An
     assert res.config["include_self"] is True
 
 
+def test_target_prototypes_replace_the_bank_prototype(toy_bank: Any, delta_eval: Any) -> None:
+    """With the bank prototype the target's own adapter sits at distance 0 (the degenerate Table-6 setting); a
+    target prototype from other data (here: the exact mixture 0.5a + 0.3b + 0.2c, shifted a little) is retrieved
+    with, and its distances and digest are what the record and the cache key use."""
+    from adapterbank.errors import PrototypeSpaceError
+    from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+    SPACE = PrototypeSpace("toy-encoder", "r1", "mean", False, 8)  # the toy bank's space (conftest)
+    v = toy_bank.protos["t"].astype(np.float64) + 0.05
+    p = Prototype(v.astype(np.float32), SPACE, 5, "held-out data")
+    res = _run(toy_bank, delta_eval, strategies=("nearest",), baselines=(), include_self=True,
+               target_prototypes={"t": p})
+    near = res.main("t", "nearest")
+    assert near is not None and near.distances[0] == pytest.approx(float(np.sum((v - toy_bank.protos[near.ids[0]]) ** 2)),
+                                                                   rel=1e-5)
+    assert near.distances[0] > 1e-4  # not the degenerate distance 0 of the bank prototype
+    other = Prototype(v.astype(np.float32), PrototypeSpace("other", "r", "mean", False, 8))
+    with pytest.raises(PrototypeSpaceError, match="other"):
+        _run(toy_bank, delta_eval, strategies=("nearest",), baselines=(), target_prototypes={"t": other})
+
+
 def test_sweeps_produce_series(toy_bank: Any, delta_eval: Any) -> None:
     res = _run(toy_bank, delta_eval, strategies=("avg", "sparse", "nearest"), baselines=("pretrained",),
                sweep_k=[1, 3, 5], sweep_lam=[1e-3, 10.0])

@@ -299,6 +299,7 @@ class _Runner:
         self.protos: dict[str, Prototype] = {}
         self.memo: dict[str, EvalRecord] = {}
         self.composite_scores: dict[tuple[Any, ...], dict[str, float]] = {}  # same composite, same score
+        self.target_protos: dict[str, Prototype] = {}
         self.n_calls = 0
         self.n_cached = 0
 
@@ -307,6 +308,10 @@ class _Runner:
         if adapter_id not in self.protos:
             self.protos[adapter_id] = self.bank.get_prototype(adapter_id, self.space)
         return self.protos[adapter_id]
+
+    def target_proto(self, target: str) -> Prototype:
+        """The prototype that stands for the target's task: ``target_prototypes[target]`` if given, else its own."""
+        return self.target_protos.get(target) or self.proto(target)
 
     def has_proto(self, adapter_id: str) -> bool:
         card = self.cards[adapter_id]
@@ -391,7 +396,7 @@ class _Runner:
 
         card = self.cards[target]
         base = getattr(card, "base_model", None)
-        p_t = self.proto(target)
+        p_t = self.target_proto(target)
         exclude = [] if self.include_self else [target]
         hits = self.bank.search(p_t, k=k, base_model=base, exclude=exclude)
         ids = [h.id for h in hits]
@@ -423,7 +428,7 @@ class _Runner:
         from adapterbank.compose.solvers import sparse_path
 
         card = self.cards[target]
-        p_t = self.proto(target)
+        p_t = self.target_proto(target)
         exclude = [] if self.include_self else [target]
         hits = self.bank.search(p_t, k=k, base_model=getattr(card, "base_model", None), exclude=exclude)
         if len(hits) < 2:
@@ -464,6 +469,7 @@ def evaluate(
     progress: bool = False,
     tasks: Mapping[str, Any] | None = None,
     space: PrototypeSpace | str | None = None,
+    target_prototypes: Mapping[str, Prototype] | None = None,
 ) -> EvalResults:
     """Leave-one-out evaluation of every composition strategy on every adapter's task.
 
@@ -489,6 +495,10 @@ def evaluate(
         progress: show a tqdm progress bar (stderr).
         tasks: ``{target id: task}`` handed to the evaluator; default: the target's card.
         space: the prototype space (or its key) to evaluate in; needed when the bank holds several.
+        target_prototypes: ``{target id: Prototype}`` to retrieve and weigh with instead of the target's own bank
+            prototype — e.g. from the target's unlabeled or validation data. Needed for a meaningful
+            ``include_self`` ablation: with the bank prototype the target's own adapter sits at distance 0 and
+            Nearest, Lin and Sparse give it all the weight by construction.
 
     Returns:
         :class:`EvalResults`: every record with its inputs, the sparse λ-paths and a PCA map of the prototypes.
@@ -529,7 +539,16 @@ def evaluate(
                 f"The bank holds prototypes in {len(spaces)} spaces ({', '.join(sorted(spaces))}); pass space= "
                 "to choose the one to evaluate in.")
         space = next(iter(spaces.values()), None)
+    from adapterbank.prototypes.space import Prototype as _Prototype
+
     run = _Runner(bank, ev, cdir, include_self, space)
+    for t, p in (target_prototypes or {}).items():
+        if not isinstance(p, _Prototype):
+            raise FormatError(f"target_prototypes[{t!r}] must be a Prototype. Got {type(p).__name__} instead.")
+        if space is not None and p.space.key != space.key:
+            raise _errors.PrototypeSpaceError(f"target_prototypes[{t!r}] is in space {p.space.key!r}, but the "
+                                              f"evaluation runs in {space.key!r}.")
+        run.target_protos[t] = p
     with_proto = sorted(i for i in run.cards if run.has_proto(i))
     if targets is None:
         tgt = [i for i in with_proto if tasks is None or i in tasks]
