@@ -120,6 +120,11 @@ def plot_lambda_path(results: EvalResults, target: str, path: Path) -> Path | No
         ax.plot(lams_plot, W[:, j], color=OKABE_ITO[j % len(OKABE_ITO)],
                 linestyle=_LINESTYLES[(j // len(OKABE_ITO)) % len(_LINESTYLES)], marker=".", markersize=3,
                 linewidth=1.4, label=_short(i, 24))
+    if lp.chosen_lam is not None and lp.chosen_lam > lams_plot[-1]:
+        # the grid ends at 2·λ_max; past λ_max the solution no longer changes: extend it (dotted) to the chosen λ
+        for j in range(W.shape[1]):
+            ax.plot([lams_plot[-1], lp.chosen_lam], [W[-1, j], W[-1, j]], color=OKABE_ITO[j % len(OKABE_ITO)],
+                    linestyle=":", linewidth=1.2)
     ax.axhline(0.0, color="black", linewidth=0.8)
     if lp.chosen_lam is not None and lp.chosen_lam > 0:
         ax.axvline(lp.chosen_lam, color="#555555", linestyle="--", linewidth=1.0)
