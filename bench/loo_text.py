@@ -367,15 +367,9 @@ def write_demo_data(out: Path, data: dict[str, tuple[list[Item], list[Item]]], a
 
 # ----- main --------------------------------------------------------------------------------------
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,22 @@
+"""What the benchmark scripts record about the machine they ran on (import as ``from _machine import machine``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def machine(**extra: Any) -> dict[str, Any]:
+    """Platform, Python, CPU model, core count, torch version and threads, load average, plus ``extra``."""
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, **extra}
