@@ -402,7 +402,7 @@ class Bank:
 
         Example::
 
-            >>> bank.add_grasp("grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)   # doctest: +SKIP
+            bank.add_grasp("grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)
         """
         from adapterbank.grasp import add_to_bank
 

@@ -155,8 +155,8 @@ def compose(
 
     Example (a bank with prototypes in the space of ``target``)::
 
-        >>> comp = compose(bank, target, k=5, strategy="sparse")        # doctest: +SKIP
-        >>> comp.save("./composite")                                     # doctest: +SKIP
+        comp = compose(bank, target, k=5, strategy="sparse")
+        comp.save("./composite")
     """
     if strategy not in STRATEGIES:
         raise UnknownNameError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(STRATEGIES)}.")

@@ -1,8 +1,10 @@
 """Leave-one-out evaluation of composition strategies and its reports (DESIGN.md §3; seed paper Tables 1–6).
 
->>> from adapterbank.evaluate import evaluate, write_report          # doctest: +SKIP
->>> res = evaluate(bank, "my_evals:score", k=5, cache_dir=".cache")  # doctest: +SKIP
->>> write_report(res, "report")                                     # doctest: +SKIP
+Example::
+
+    from adapterbank.evaluate import evaluate, write_report
+    res = evaluate(bank, "my_evals:score", k=5, cache_dir=".cache")
+    write_report(res, "report")
 """
 
 from __future__ import annotations

@@ -81,8 +81,7 @@ def run_evaluate(
 
     Example::
 
-        >>> run_evaluate("bank", "my_evals:score", "all", 5, "report")   # doctest: +SKIP
-        PosixPath('report')
+        run_evaluate("bank", "my_evals:score", "all", 5, "report")   # -> PosixPath('report')
     """
     from adapterbank.bank import Bank
 

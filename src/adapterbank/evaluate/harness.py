@@ -505,8 +505,8 @@ def evaluate(
 
     Example (a bank whose adapters have prototypes)::
 
-        >>> res = evaluate(bank, "my_evals:score", k=3, cache_dir=".cache")   # doctest: +SKIP
-        >>> res.table("accuracy")["task-a"]["sparse"]                            # doctest: +SKIP
+        res = evaluate(bank, "my_evals:score", k=3, cache_dir=".cache")
+        res.table("accuracy")["task-a"]["sparse"]
     """
     from adapterbank.compose import versions
 

@@ -127,7 +127,7 @@ def add_to_bank(
 
     Example::
 
-        >>> cards = add_to_bank(bank, "grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)  # doctest: +SKIP
+        cards = add_to_bank(bank, "grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)
     """
     from adapterbank.prototypes import Prototype, compute_prototype
 
