@@ -297,6 +297,9 @@ def evaluate_cmd(
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: OUT/.cache); a rerun computes only what changed."),
     lower_is_better: Optional[str] = typer.Option(None, help="Comma-separated metrics where lower is better."),
     plots: bool = typer.Option(True, help="Write PNG plots."),
+    target_prototypes: Optional[Path] = typer.Option(
+        None, help="Folder of <adapter id>.npy prototypes (from `adapterbank prototype`) of each target's own "
+        "held-out data, used instead of the bank prototype; needed for a meaningful --include-self."),
 ) -> None:
     """Leave-one-out: each adapter's task is composed from the others and scored by your evaluator."""
     from adapterbank.evaluate import load_results
@@ -310,9 +313,12 @@ def evaluate_cmd(
     if tau_rel is not None:
         params["sim"] = {"tau_rel": tau_rel}
     low = _csv(lower_is_better)
+    if include_self and target_prototypes is None:
+        err.print("[yellow]note:[/yellow] with --include-self and no --target-prototypes each target's own adapter "
+                  "is at distance 0 from its bank prototype, so Nearest, Lin and Sparse give it all the weight.")
     path = run_evaluate(bank, evaluator, strategies, k, out, include_self, sweep_k, sweep_lam,
                         cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
-                        params=params or None, lower_is_better=low, plots=plots)
+                        params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes)
     res = load_results(path / "results.json")
     for metric in res.metrics:
         cols, rows = score_rows(res, metric, metric in low)

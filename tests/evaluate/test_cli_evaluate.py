@@ -56,3 +56,27 @@ def test_evaluate_command_refuses_unknown_strategy_and_evaluator(toy_bank: Any, 
     ev.write_text("def score(a, t):\n    return {'x': 1.0}\n")
     r = CliRunner().invoke(app, ["evaluate", str(toy_bank.path), "--evaluator", f"{ev}:score", "--strategies", "best"])
     assert r.exit_code != 0 and isinstance(r.exception, AdapterbankError) and "best" in str(r.exception)
+
+
+def test_evaluate_command_with_target_prototypes(toy_bank: Any, tmp_path: Path) -> None:
+    """--include-self with held-out target prototypes: the own adapter is no longer at distance 0."""
+    import numpy as np
+
+    from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+    ev = tmp_path / "norm_eval.py"
+    ev.write_text(textwrap.dedent(EVAL_FILE))
+    tp = tmp_path / "targets"
+    tp.mkdir()
+    v = toy_bank.protos["t"].astype(np.float32) + 0.05
+    Prototype(v, PrototypeSpace("toy-encoder", "r1", "mean", False, 8), 5, "held out").save(tp / "t.npy")
+    out = tmp_path / "report"
+    r = CliRunner().invoke(app, ["evaluate", str(toy_bank.path), "--evaluator", f"{ev}:score", "-k", "3",
+                                 "-o", str(out), "--strategies", "nearest", "--include-self",
+                                 "--target-prototypes", str(tp), "--no-plots"])
+    assert r.exit_code == 0, r.output
+    recs = json.loads((out / "results.json").read_text())["records"]
+    near_t = next(x for x in recs if x["target"] == "t" and x["method"] == "nearest")
+    assert near_t["ids"][0] == "t" and near_t["distances"][0] > 1e-4
+    near_a = next(x for x in recs if x["target"] == "a" and x["method"] == "nearest")
+    assert near_a["ids"][0] == "a" and near_a["distances"][0] < 1e-9  # no held-out prototype: the degenerate case
