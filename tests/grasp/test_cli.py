@@ -56,3 +56,27 @@ def test_bad_config_and_labels(setup) -> None:
     assert r.exit_code == 2 and "unknown label" in r.output
     r = CliRunner().invoke(app, ["sample", str(tmp / "nope"), "--labels", "0"])
     assert r.exit_code == 2 and "not a folder" in r.output
+
+
+def test_kmeans_partitioner_from_config(setup, monkeypatch) -> None:
+    """k-means on class-name embeddings from YAML: names → template → encoder (module:function) → groups."""
+    tmp, cfg = setup
+    (tmp / "ab_toy_names_enc.py").write_text(
+        "def encode(texts):\n"
+        "    # 2-d: is it footwear? how long is the name?\n"
+        "    return [[10.0 * any(w in t for w in ('boot', 'sneaker')), 0.01 * len(t)] for t in texts]\n")
+    monkeypatch.syspath_prepend(str(tmp))
+    part = {"type": "kmeans", "n_groups": 2, "encoder": "ab_toy_names_enc:encode", "seed": 0,
+            "label_names": ["ankle boot", "sneaker", "shirt", "coat"], "template": "a photo of a {label}"}
+    (tmp / "km.yaml").write_text(yaml.safe_dump({**cfg, "partitioner": part}))
+    r = CliRunner().invoke(app, ["train", str(tmp / "km.yaml"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    from adapterbank.grasp import read_checkpoint
+
+    conf, _ = read_checkpoint(tmp / "ckpt")
+    lg = conf["partitioner"]["label_group"]
+    assert lg["0"] == lg["1"] != lg["2"] == lg["3"]  # footwear vs tops
+    bad = {**part, "label_names": ["only one"]}
+    (tmp / "bad.yaml").write_text(yaml.safe_dump({**cfg, "partitioner": bad}))
+    r = CliRunner().invoke(app, ["train", str(tmp / "bad.yaml"), "--no-progress"])
+    assert r.exit_code == 2 and "label_names" in r.output

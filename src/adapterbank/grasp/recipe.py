@@ -12,6 +12,7 @@ A config (YAML or a dict) has exactly these sections; unknown keys are errors:
     data:
       npz: ./train.npz         # arrays 'x' (N, C, H, W) float in [-1, 1] and 'labels' (N,) int
     partitioner: {type: frequency_tiers, head: 0.5, medium: 0.35}   # or thresholds: [500, 100]
+    # or {type: kmeans, n_groups: 3, encoder: default, label_names: [T-shirt, Trouser, ...], template: "a {label}"}
     adapter: {kind: residual, rank: 8, targets: auto}
     train: {objective: flow_matching, steps: 200, batch_size: 32, lr: 0.001, seed: 0}
     output: ./grasp-ckpt
@@ -43,7 +44,8 @@ __all__ = ["SCHEMA", "euler_sample", "load_config", "sample_checkpoint", "train_
 SCHEMA: dict[str, set[str]] = {
     "model": {"class", "path", "config", "null_class"},
     "data": {"npz"},
-    "partitioner": {"type", "head", "medium", "thresholds", "healthy_labels", "rule", "mapping", "n_groups", "seed"},
+    "partitioner": {"type", "head", "medium", "thresholds", "healthy_labels", "rule", "mapping", "n_groups", "seed",
+                    "encoder", "template", "label_names"},
     "adapter": {"kind", "rank", "targets", "activation", "scale", "include_context"},
     "train": {"objective", "steps", "batch_size", "lr", "weight_decay", "grad_clip", "ema", "seed", "checkpoint_every",
               "log_every"},
@@ -117,7 +119,7 @@ def build_model(spec: Mapping[str, Any], root: Path) -> nn.Module:
     return cls(**dict(spec["config"]))
 
 
-def _partitioner(spec: Mapping[str, Any]) -> Any:
+def _partitioner(spec: Mapping[str, Any], root: Path | None = None) -> Any:
     s = dict(spec)
     kind = s.pop("type")
     if kind == "frequency_tiers":
@@ -127,8 +129,40 @@ def _partitioner(spec: Mapping[str, Any]) -> Any:
         return ExplicitMap(s["mapping"], rule=s.get("rule", "rarest"), healthy_labels=s.get("healthy_labels", ()))
     if kind == "random":
         return RandomPartition(s.get("n_groups"), seed=s.get("seed", 0))
-    raise ParameterError(f"Partitioner {kind!r} needs an encoder and cannot be built from a config file; "
-                         f"use the Python API ({KMeansPartition.__name__}).")
+    if kind == "kmeans":
+        return _kmeans(s, root)
+    raise UnknownNameError(f"Unknown partitioner type {kind!r}; valid: frequency_tiers, explicit, random, kmeans.")
+
+
+def _kmeans(s: Mapping[str, Any], root: Path | None) -> KMeansPartition:
+    """``{type: kmeans, n_groups, encoder, template, label_names, seed}``: k-means on embeddings of the class
+    names. The data's labels are class ids; ``label_names[i]`` is the text of class ``i``, formatted into
+    ``template`` (default ``"{label}"``) and embedded by ``encoder`` (``default``, a model folder relative to the
+    config, or ``module:function``)."""
+    from adapterbank.prototypes import load_encoder
+
+    for key in ("n_groups", "encoder", "label_names"):
+        if key not in s:
+            raise FormatError(f"partitioner 'kmeans' needs '{key}' (keys: n_groups, encoder, label_names, template, seed).")
+    names = s["label_names"]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise FormatError(f"partitioner 'kmeans': 'label_names' must be a list of class names. Got {names!r}.")
+    spec = str(s["encoder"])
+    if root is not None and ":" not in spec and (root / spec).is_dir():
+        spec = str(root / spec)
+    enc = load_encoder(spec)
+    template = str(s.get("template", "{label}"))
+
+    def embed(labels: list[str]) -> Any:
+        try:
+            texts = [template.format(label=names[int(lab)]) for lab in labels]
+        except (ValueError, IndexError):
+            raise UnknownNameError(f"partitioner 'kmeans': labels {labels} are not all class ids in "
+                                   f"0..{len(names) - 1} of 'label_names'.") from None
+        return enc.encode(texts)
+
+    return KMeansPartition(int(s["n_groups"]), encoder=embed, seed=int(s.get("seed", 0)),
+                           rule=s.get("rule", "rarest"), healthy_labels=s.get("healthy_labels", ()))
 
 
 def _load_npz(path: Path) -> tuple[torch.Tensor, np.ndarray]:
@@ -167,7 +201,7 @@ def train_from_config(cfg: Mapping[str, Any], root: str | Path = ".", *, progres
     cfg = validate_config(cfg)
     root = Path(root)
     x, labels = _load_npz(_resolve(root, cfg["data"]["npz"]))
-    part = _partitioner(cfg["partitioner"]).fit(labels.tolist())
+    part = _partitioner(cfg["partitioner"], root).fit(labels.tolist())
     model = build_model(cfg["model"], root)
     a = cfg["adapter"]
     handle = inject(model, part.n_groups, int(a["rank"]), kind=a.get("kind", "residual"), targets=a.get("targets", "auto"),
