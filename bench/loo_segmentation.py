@@ -42,7 +42,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import sys

@@ -233,7 +233,7 @@ def test_diffusers_legacy_keys(tmp_path: Path) -> None:
           f"{te}.k_proj.lora_linear_layer.up.weight": torch.randn(32, 3, generator=g)}
     save_file(sd, tmp_path / "pytorch_lora_weights.safetensors")
     a = read_adapter(tmp_path)
-    assert sorted(a.modules) == [f"text_encoder.text_model.encoder.layers.0.self_attn.k_proj", f"{blk}.to_out.0",
+    assert sorted(a.modules) == ["text_encoder.text_model.encoder.layers.0.self_attn.k_proj", f"{blk}.to_out.0",
                                  f"{blk}.to_q"]
     m = a.modules[f"{blk}.to_q"]
     torch.testing.assert_close(m.delta(), sd[f"{blk}.processor.to_q_lora.up.weight"]

@@ -366,7 +366,7 @@ class Bank:
                 "versions": json.dumps(_versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
             }
             # Blobs get their final names first (outside the lock), then one transaction commits the entry.
-            for p, sha, size in staged.values():
+            for p, sha, _size in staged.values():
                 self._blobs.place(p, sha, st.token)
             with self._cat.write() as c:
                 exists = c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None

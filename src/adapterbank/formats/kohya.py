@@ -193,7 +193,7 @@ def read_kohya(
                 f"Tensor {key!r} in {where} is not a kohya LoRA key (expected lora_unet_…, lora_te_…, lora_te1_…, "
                 "lora_te2_…)."
             )
-        for suffix, factor in _FACTORS.items():
+        for suffix, factor in _FACTORS.items():  # noqa: B007 (used after the loop)
             if key.endswith(suffix):
                 stem = key[: -len(suffix)]
                 break
