@@ -62,15 +62,17 @@ def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _copy_hashing(src: IO[bytes], dst: IO[bytes]) -> tuple[str, int]:
+def _copy_hashing(src: IO[bytes], dst: IO[bytes], *, fsync: bool = True) -> tuple[str, int]:
+    """Copy ``src`` to ``dst`` in chunks; (sha256 hex digest, size) of what was copied. ``fsync``: flush to disk."""
     h = hashlib.sha256()
     size = 0
     while chunk := src.read(CHUNK):
         h.update(chunk)
         dst.write(chunk)
         size += len(chunk)
-    dst.flush()
-    os.fsync(dst.fileno())
+    if fsync:
+        dst.flush()
+        os.fsync(dst.fileno())
     return h.hexdigest(), size
 
 
@@ -181,17 +183,12 @@ class BlobStore:
         except FileNotFoundError:
             raise IntegrityError(f"Blob {sha} ({src}) of {what} is missing from the bank.") from None
         with fi, open(dst, "wb") as fo:
-            h = hashlib.sha256()
-            size = 0
-            while chunk := fi.read(CHUNK):
-                h.update(chunk)
-                fo.write(chunk)
-                size += len(chunk)
-        if h.hexdigest() != sha:
+            found, size = _copy_hashing(fi, fo, fsync=False)
+        if found != sha:
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
             raise IntegrityError(
-                f"Blob {src} of {what} is corrupt: expected sha256 {sha}, found {h.hexdigest()} ({size} bytes)."
+                f"Blob {src} of {what} is corrupt: expected sha256 {sha}, found {found} ({size} bytes)."
             )
         return size
 
