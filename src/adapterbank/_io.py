@@ -33,7 +33,9 @@ def validate_file_name(name: object, what: str = "file name") -> str:
     """
     if not isinstance(name, str):
         raise InvalidNameError(f"The {what} must be a string. Got {type(name).__name__} instead.")
-    if not name or name in (".", ".."):
+    if not name:
+        raise InvalidNameError(f"The {what} must not be empty.")
+    if name in (".", ".."):
         raise InvalidNameError(f"The {what} {name!r} is not a file name.")
     if len(name) > MAX_NAME_LEN:
         raise InvalidNameError(f"The {what} is {len(name)} characters long; the limit is {MAX_NAME_LEN}.")
@@ -59,16 +61,7 @@ def validate_name(name: object, what: str = "id") -> str:
     adapterbank.errors.InvalidNameError: The adapter id '../etc' is not allowed: it contains '..' or a path separator.
     """
     label = "adapter id" if what == "id" else what
-    if not isinstance(name, str):
-        raise InvalidNameError(f"The {label} must be a string. Got {type(name).__name__} instead.")
-    if not name:
-        raise InvalidNameError(f"The {label} must not be empty.")
-    if len(name) > MAX_NAME_LEN:
-        raise InvalidNameError(f"The {label} is {len(name)} characters long; the limit is {MAX_NAME_LEN}.")
-    if "\x00" in name:
-        raise InvalidNameError(f"The {label} {name!r} contains a NUL byte.")
-    if "/" in name or "\\" in name or ".." in name:
-        raise InvalidNameError(f"The {label} {name!r} is not allowed: it contains '..' or a path separator.")
+    name = validate_file_name(name, label)  # type, empty, length, separators, '..', NUL and control characters
     if unicodedata.normalize("NFKC", name) != name:
         raise InvalidNameError(f"The {label} {name!r} changes under Unicode NFKC normalisation.")
     if not _NAME_OK.match(name):
