@@ -216,6 +216,12 @@ class _DimMixin:
     def space(self) -> PrototypeSpace:
         return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
 
+    def _checked(self, out: Any, n: int) -> np.ndarray:
+        """``out`` as a finite (n, dim) float32 array whose dim matches earlier outputs."""
+        arr = _as_features(out, n, f"Encoder {self.name!r}")
+        self._record_dim(arr)
+        return arr
+
     def _record_dim(self, arr: np.ndarray) -> None:
         d = int(arr.shape[1])
         if self._dim is None:
@@ -318,9 +324,7 @@ class HFTextEncoder(_DimMixin):
             if self.normalize:
                 feats = torch.nn.functional.normalize(feats, p=2.0, dim=-1, eps=1e-12)
             arr = feats.float().cpu().numpy()
-        arr = _as_features(arr, len(texts), f"Encoder {self.name!r}")
-        self._record_dim(arr)
-        return arr
+        return self._checked(arr, len(texts))
 
 
 def _as_texts(batch: Sequence[Any], who: str) -> list[str]:
@@ -391,9 +395,7 @@ class SentenceTransformerEncoder(_DimMixin):
             return np.zeros((0, self._dim or 0), dtype=np.float32)
         out = self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False,
                                 normalize_embeddings=self.normalize)
-        arr = _as_features(out, len(texts), f"Encoder {self.name!r}")
-        self._record_dim(arr)
-        return arr
+        return self._checked(out, len(texts))
 
 
 def default_text_encoder(**kw: Any) -> SentenceTransformerEncoder:
@@ -510,9 +512,7 @@ class HFVisionEncoder(_DimMixin):
             if self.normalize:
                 feats = torch.nn.functional.normalize(feats, p=2.0, dim=-1, eps=1e-12)
             arr = feats.float().cpu().numpy()
-        arr = _as_features(arr, len(images), f"Encoder {self.name!r}")
-        self._record_dim(arr)
-        return arr
+        return self._checked(arr, len(images))
 
 
 class CallableEncoder(_DimMixin):
