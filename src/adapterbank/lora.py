@@ -162,6 +162,11 @@ class LoraAdapter:
     def n_params(self) -> int:
         return sum(m.n_params for m in self.modules.values())
 
+    def refuse_residual(self, what: str) -> None:
+        """Raise :class:`UnsupportedAdapterError` naming the first GRASP residual module: it has no ΔW for ``what``."""
+        for name, m in self.modules.items():
+            _refuse_residual(m, what, name)
+
     def check_finite(self) -> None:
         for name, m in self.modules.items():
             m.check_finite(name)
@@ -315,8 +320,7 @@ def merge_into(
     [2.0, 2.0]
     """
     out = dict(state_dict)
-    for name, m in adapter.modules.items():
-        _refuse_residual(m, "merging into base weights", name)
+    adapter.refuse_residual("merging into base weights")
     for name, m in adapter.modules.items():
         k = key(name)
         if k not in state_dict:

@@ -54,7 +54,6 @@ from adapterbank.errors import (
     OutputExistsError,
     ShapeMismatchError,
     UnknownNameError,
-    UnsupportedAdapterError,
 )
 from adapterbank.formats.safetensors_io import DTYPES, check_header
 from adapterbank.lora import LoraAdapter, LoraModule
@@ -257,11 +256,7 @@ def merge_into_files(
     t0 = time.perf_counter()
     base_p, out = Path(base), Path(out_dir)
     out_dtype = _resolve_dtype(dtype)
-    residual = [n for n, m in adapter.modules.items() if m.kind == "residual"]
-    if residual:
-        raise UnsupportedAdapterError(
-            f"Modules {residual[:3]} are GRASP residual adapters (y = FFN(x) + B φ(A x)); they have no weight "
-            "update and cannot be merged into base weights. Load them with adapterbank.grasp.attach instead.")
+    adapter.refuse_residual("merging into base weights")
     adapter.check_finite()
     shards, index_path, index, extras = _discover(base_p)
     _check_out_dir(out)
