@@ -1,7 +1,8 @@
-"""What the benchmark scripts record about the machine they ran on (import as ``from _machine import machine``)."""
+"""Shared by the benchmark scripts: what they record about the machine, and their logging set-up."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from typing import Any
@@ -20,3 +21,10 @@ def machine(**extra: Any) -> dict[str, Any]:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
             "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, **extra}
+
+
+def quiet_logging(*noisy: str) -> None:
+    """INFO logging with timestamps for the script; WARNING for ``noisy`` libraries and adapterbank."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "urllib3", "transformers", "peft", "adapterbank", *noisy):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -579,7 +579,7 @@ def _md_to_html(lines: list[str]) -> str:
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, quiet_logging  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -591,9 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--figures", type=Path, default=None,
                     help="also copy results.md and the PNGs to this folder (e.g. bench/figures/loo_segmentation)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "transformers", "peft", "matplotlib", "adapterbank"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging("matplotlib")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)

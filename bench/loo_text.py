@@ -369,7 +369,7 @@ def write_demo_data(out: Path, data: dict[str, tuple[list[Item], list[Item]]], a
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, quiet_logging  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,9 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help=f"also write the adapters and splits for 'adapterbank demo' (default {DEMO_DIR})")
     ap.add_argument("--figures", type=Path, default=None, help="copy results.md and the PNGs into this folder")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "transformers", "peft", "sentence_transformers", "adapterbank"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_logging("sentence_transformers")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]
