@@ -311,7 +311,7 @@ class _Runner:
 
     def target_proto(self, target: str) -> Prototype:
         """The prototype that stands for the target's task: ``target_prototypes[target]`` if given, else its own."""
-        return self.target_protos.get(target) or self.proto(target)
+        return self.target_protos[target] if target in self.target_protos else self.proto(target)
 
     def has_proto(self, adapter_id: str) -> bool:
         card = self.cards[adapter_id]
