@@ -1,6 +1,6 @@
 """LoRA algebra: per-module (A, B, scale), exact ΔW, exact weighted composition, exact truncation.
 
-Notation (../shared/DESIGN.md §1):
+Notation (docs/design.md §1–2):
 
 | symbol | here            | shape             |
 |--------|-----------------|-------------------|

@@ -1,6 +1,6 @@
 """The embedded bank: a SQLite catalog of cards and prototypes plus content-addressed safetensors blobs.
 
-Layout of a bank directory (DESIGN.md §5)::
+Layout of a bank directory (docs/design.md §5.1)::
 
     <bank>/catalog.sqlite          cards, file hashes, prototypes, format_version, version counter
     <bank>/blobs/<sha[:2]>/<sha>   the original adapter files, bit for bit, read-only

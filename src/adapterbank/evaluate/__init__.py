@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation of composition strategies and its reports (DESIGN.md §3; seed paper Tables 1–6).
+"""Leave-one-out evaluation of composition strategies and its reports (docs/design.md §6; seed paper Tables 1–6).
 
 Example::
 

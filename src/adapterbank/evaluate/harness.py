@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation (DESIGN.md §3; seed paper, Tables 1–6).
+"""Leave-one-out evaluation (docs/design.md §6; seed paper, Tables 1–6).
 
 Each adapter of the bank that has a prototype is, in turn, the *target*: its prototype is the target
 prototype p_T, its own adapter is removed from the pool (``exclude=[target]``; or left in with
