@@ -257,7 +257,10 @@ def compose_cmd(
     exclude: Optional[str] = typer.Option(None, help="Comma-separated ids to leave out."),
     ids: Optional[str] = typer.Option(None, help="Compose exactly these ids (no retrieval)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Truncate each module exactly to this rank."),
-    format: str = typer.Option("peft", help="Output format: peft, kohya or diffusers."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Fit a server's max_lora_rank: truncate only "
+                                           "the modules above this rank (exactly; their error is printed)."),
+    format: Optional[str] = typer.Option(None, help="Output format: peft, kohya or diffusers (default: follow the "
+                                         "inputs; kohya/diffusers inputs give diffusers, PEFT inputs peft)."),
     merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
     encoder: Optional[str] = typer.Option(None),
@@ -265,20 +268,27 @@ def compose_cmd(
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import compose
+    from adapterbank.compose.compose import default_output_format
 
     b = _open(bank)
     p = _target(bank, target, description, prototype, encoder, column)
     params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
-                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, lambda_path=lambda_path)
+                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
+                   lambda_path=lambda_path)
     path = comp.save(out, format=format, merge_into=merge_into)
+    fmt = default_output_format(comp.source_formats, format)
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
     console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
                                  comp.weight_table()))
     if comp.truncation_error:
         errs = comp.truncation_error.values()
-        console.print(f"rank {rank}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
-    console.print(f"Wrote {format} composite to [bold]{path}[/bold] (recipe in composition.json)")
+        what = f"max rank {max_rank}: {len(errs)} modules truncated" if max_rank is not None else f"rank {rank}"
+        console.print(f"{what}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
+    ri = comp.rank_info()
+    console.print(f"rank needed to serve: {ri['needed_to_serve']} (largest module rank; vLLM --max-lora-rank "
+                  f"{ri['vllm_max_lora_rank'] or '> 512, use --max-rank'})")
+    console.print(f"Wrote {fmt} composite to [bold]{path}[/bold] (recipe in composition.json)")
 
 
 @app.command("evaluate")
