@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -179,20 +178,9 @@ def test_bad_per_item_output_names_target_and_method(toy_bank: Any, per_item: An
         _run(toy_bank, lambda a, t: {"score": 0.5, "per_item": per_item}, targets=["t"])
 
 
-EVAL_FILE = '''
-import torch
-
-def score(adapter, card):
-    if adapter is None:
-        return {"norm": 0.0}
-    return {"norm": float(sum(float((d * d).sum()) for d in adapter.deltas(torch.float64).values()) ** 0.5)}
-'''
-
-
-def test_cli_table_shows_interval_rows(toy_bank: Any, tmp_path: Path) -> None:
+def test_cli_table_shows_interval_rows(toy_bank: Any, tmp_path: Path, norm_evaluator: Path) -> None:
     """`adapterbank evaluate` in a real process (a wide terminal, so rich does not wrap the cells)."""
-    ev = tmp_path / "norm_eval.py"
-    ev.write_text(textwrap.dedent(EVAL_FILE))
+    ev = norm_evaluator
     out = tmp_path / "report"
     r = subprocess.run([sys.executable, "-c", "from adapterbank.cli import app; app()", "evaluate", str(toy_bank.path),
                         "--evaluator", f"{ev}:score", "-k", "3", "-o", str(out), "--strategies", "avg,sparse",
