@@ -50,23 +50,21 @@ def fmt(v: float | None) -> str:
     return f"{v:.3e}"
 
 
-def _sfmt(v: float) -> str:
-    """A signed :func:`fmt` (``-0.0`` shown as ``+0.0000``)."""
-    v = v + 0.0
-    if v == 0 or 1e-3 <= abs(v) < 1e4:
-        return f"{v:+.4f}"
-    return f"{v:+.3e}"
-
-
 def interval_text(c: Comparison, with_reference: bool = False) -> str:
     """A table cell for a comparison: ``Δ [lo, hi]``, then ▲ (better) / ▼ (worse) when the interval excludes 0.
 
-    >>> interval_text(Comparison("sparse", "avg", 0.02, 0.005, 0.03, "item", 40, 2, True), with_reference=True)
-    '+0.0200 [+0.0050, +0.0300] ▲ vs Avg'
+    The three numbers share one format, chosen by the largest (as :func:`fmt`; ``-0.0`` shows as ``+0.0000``).
+
+    >>> interval_text(Comparison("sparse", "avg", 0.02, 0.0004, 0.03, "item", 40, 2, True), with_reference=True)
+    '+0.0200 [+0.0004, +0.0300] ▲ vs Avg'
     """
+    vals = [c.diff + 0.0, c.lo + 0.0, c.hi + 0.0]
+    top = max(abs(v) for v in vals)
+    spec = "+.4f" if top == 0 or 1e-3 <= top < 1e4 else "+.3e"
+    d, lo, hi = (format(v, spec) for v in vals)
     mark = "" if c.better is None else (" ▲" if c.better else " ▼")
     ref = f" vs {display_name(c.reference)}" if with_reference else ""
-    return f"{_sfmt(c.diff)} [{_sfmt(c.lo)}, {_sfmt(c.hi)}]{mark}{ref}"
+    return f"{d} [{lo}, {hi}]{mark}{ref}"
 
 
 def _ci_label(kind: str, ci: float) -> str:
