@@ -135,11 +135,13 @@ def add(
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
     replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
     batch_size: int = typer.Option(32),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256); recorded in the prototype space."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Add an adapter (and its task prototype) to the bank."""
     from adapterbank.prototypes import compute_prototype, describe
 
+    if max_length is not None and samples is None and description is None:
+        raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
     b = _open(bank)
     proto = None
     if samples is not None or description is not None:
@@ -209,7 +211,7 @@ def prototype(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256); recorded in the prototype space."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Compute a task prototype (Eq. 1) from samples or a description."""
     if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
@@ -230,7 +232,7 @@ def search(
     tag: Optional[str] = typer.Option(None),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256); recorded in the prototype space."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
@@ -267,7 +269,7 @@ def compose_cmd(
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256); recorded in the prototype space."),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import compose

@@ -76,3 +76,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, cli) -> None:
     assert squash(f"{tmp_path / 'c.npy'}: a prototype must hold real numbers") in msg and "complex64" in msg
     res = cli("search", tmp_path / "bank", "--prototype", tmp_path / "c.npy", "--max-length", "512")
     assert res.returncode == 2 and "--max-length" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_max_length_without_an_encoder_to_set_is_refused(tmp_path: Path, cli) -> None:
+    res = cli("add", tmp_path / "bank", tmp_path / "adapter", "--max-length", "512")
+    assert res.returncode == 2 and "--max-length" in res.stderr and "Traceback" not in res.stderr

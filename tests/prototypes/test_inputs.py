@@ -254,3 +254,9 @@ def test_a_huge_line_is_never_read_into_memory(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0].startswith(f"{p}, line 2: longer than 262144 bytes")
     assert int(out[1]) < 6, f"peak RSS grew by {out[1]} MiB while refusing a 16 MiB line"
+
+
+def test_a_parquet_cell_is_capped_in_bytes_not_characters(tmp_path: Path) -> None:
+    p = write_parquet(tmp_path / "d.parquet", [{"text": "é" * 600}])  # 600 characters, 1200 bytes
+    with pytest.raises(FormatError, match=rf"^{p}, row 0: longer than 1000 bytes"):
+        list(iter_items(p, max_line_bytes=1000))

@@ -186,7 +186,7 @@ def _parquet_items(path: Path, column: str | None, read_rows: int, cap: int) -> 
     for rb in pf.iter_batches(batch_size=max(1, read_rows), columns=[col]):
         for v in rb.column(0).to_pylist():
             where = f"{path}, row {row}"
-            if isinstance(v, str) and len(v) > cap and len(v.encode("utf-8")) > cap:
+            if isinstance(v, str) and len(v) > cap // 4 and len(v.encode("utf-8")) > cap:  # ≤ 4 bytes a char
                 raise _too_long(where, cap)
             yield _check_value(v, col, where)
             row += 1
