@@ -58,15 +58,15 @@ def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
     return specs[0] if specs else None
 
 
-def _encoder(spec: str | None, bank_dir: Path | None = None) -> tuple[Any, str]:
+def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
     from adapterbank.prototypes import load_encoder
 
     spec = spec or _bank_encoder_spec(bank_dir) or "default"
-    return load_encoder(spec), spec
+    return load_encoder(spec, max_length=max_length), spec
 
 
 def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
-            encoder: str | None, column: str | None, batch_size: int = 32) -> Any:
+            encoder: str | None, column: str | None, batch_size: int = 32, max_length: int | None = None) -> Any:
     """A target prototype from samples, a description or a prototype file (exactly one)."""
     from adapterbank.prototypes import Prototype, compute_prototype, describe
 
@@ -74,8 +74,10 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
     if sum(given) != 1:
         raise typer.BadParameter("Give exactly one of --target SAMPLES, --description TEXT, --prototype FILE.npy.")
     if prototype is not None:
+        if max_length is not None:
+            raise typer.BadParameter("--max-length sets the encoder; a --prototype file was computed already.")
         return Prototype.load(prototype)
-    enc, _ = _encoder(encoder, bank_dir)
+    enc, _ = _encoder(encoder, bank_dir, max_length)
     if description is not None:
         return describe(enc, description)
     return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
@@ -133,14 +135,17 @@ def add(
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
     replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Add an adapter (and its task prototype) to the bank."""
     from adapterbank.prototypes import compute_prototype, describe
 
+    if max_length is not None and samples is None and description is None:
+        raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
     b = _open(bank)
     proto = None
     if samples is not None or description is not None:
-        enc, spec = _encoder(encoder, bank)
+        enc, spec = _encoder(encoder, bank, max_length)
         if samples is not None:
             proto = compute_prototype(enc, samples, column=column, batch_size=batch_size, progress=sys.stderr.isatty(),
                                       description=description)
@@ -206,11 +211,12 @@ def prototype(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Compute a task prototype (Eq. 1) from samples or a description."""
     if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
         bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
-    p = _target(bank, samples, description, None, encoder, column, batch_size)
+    p = _target(bank, samples, description, None, encoder, column, batch_size, max_length)
     path = p.save(out)
     console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
 
@@ -226,10 +232,11 @@ def search(
     tag: Optional[str] = typer.Option(None),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
     t = Table(title=f"top-{k} in {p.space.key}")
     t.add_column("adapter")
@@ -265,13 +272,14 @@ def compose_cmd(
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import compose
     from adapterbank.compose.compose import default_output_format
 
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
                    exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
