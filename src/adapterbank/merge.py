@@ -26,8 +26,8 @@ pipeline component (``unet``, ``transformer``, ``text_encoder``, ...) — any fo
 
 Everything is checked before the first byte is written (every module finds its tensor with the right shape,
 factors are finite, headers are valid); the output is assembled in a hidden staging folder beside
-``out_dir`` (each file written with :func:`adapterbank._io.atomic_write`) and renamed into place at the end,
-so a failure leaves no partial ``out_dir`` behind.
+``out_dir`` (:func:`adapterbank._io.atomic_dir`) and renamed into place at the end, so a failure or a
+``kill -9`` leaves no partial ``out_dir`` behind.
 """
 
 from __future__ import annotations
@@ -36,9 +36,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,10 +46,9 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from adapterbank._io import atomic_write, fsync_dir, validate_name
+from adapterbank._io import atomic_dir, atomic_write, check_output, validate_name
 from adapterbank.errors import (
     FormatError,
-    OutputExistsError,
     ShapeMismatchError,
     UnknownNameError,
 )
@@ -165,11 +162,6 @@ def _discover(base: Path) -> tuple[list[_Shard], Path | None, dict[str, Any] | N
     return shards, index_path, index, extras
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"The output folder {out} already exists and is not empty; refusing to overwrite it.")
-
-
 def _merged_tensor(w0: torch.Tensor, m: LoraModule, out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
     """W₀ + ΔW in fp32 (fp64 kept) cast to ``out_dtype``; also max|ΔW| and ‖ΔW‖_F."""
     cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
@@ -219,6 +211,7 @@ def merge_into_files(
     *,
     key: Callable[[str], str] | None = None,
     dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the base model with the adapter merged in, W^m = W₀^m + ΔW^m, streaming tensor by tensor.
 
@@ -226,11 +219,12 @@ def merge_into_files(
         base: a ``.safetensors`` file, or a model folder (single file or sharded with a
             ``*.safetensors.index.json``), see the module docstring.
         adapter: the LoRA to merge (any scale, rank, transposed/conv/embedding modules).
-        out_dir: folder to create; it must not exist or be empty.
+        out_dir: folder to create; it must not exist or be empty, unless ``overwrite``.
         key: module path → tensor key; default :func:`default_key` (``f"{m}.weight"``, component prefix
             stripped when ``base`` is that component's folder).
         dtype: cast every floating tensor of the output to this (``torch.bfloat16`` or ``"bfloat16"``, ...);
             ``None`` keeps each tensor's dtype. ``torch_dtype``/``dtype`` in a copied ``config.json`` follow.
+        overwrite: replace a non-empty ``out_dir`` (its old content stays until the new one is complete).
 
     Returns:
         A report: ``files`` (written shards), ``copied`` (other files), ``modules_merged``, ``tensors``,
@@ -241,7 +235,8 @@ def merge_into_files(
         ShapeMismatchError: a module whose tensor is missing (named) or has another shape.
         NonFiniteError: NaN/Inf in the adapter's factors.
         FormatError: unreadable or ambiguous base weights.
-        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``).
+        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``), without ``overwrite``.
+        OutputWriteError: the operating system refused a write (disk full, read-only, ...); an ``OSError``.
         UnsupportedAdapterError: the adapter holds GRASP residual modules.
 
     >>> import tempfile
@@ -259,7 +254,7 @@ def merge_into_files(
     adapter.refuse_residual("merging into base weights")
     adapter.check_finite()
     shards, index_path, index, extras = _discover(base_p)
-    _check_out_dir(out)
+    check_output(out, overwrite=overwrite)  # before the planning: refuse early
 
     # --- plan: every module -> (shard, tensor key), checked before anything is written
     where: dict[str, _Shard] = {}
@@ -295,14 +290,12 @@ def merge_into_files(
         plan[k], keys[name] = name, k
 
     # --- write into a staging folder beside out_dir, rename at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     report: dict[str, Any] = {
         "base": str(base_p), "out_dir": str(out), "files": [], "copied": [], "skipped": [],
         "modules_merged": len(plan), "tensors": 0, "bytes": 0, "dtype": str(out_dtype) if out_dtype else None,
         "keys": keys, "delta_max_abs": {}, "delta_fro": {},
     }
-    try:
+    with atomic_dir(out, overwrite=overwrite, what="the merged model") as staging:
         for s in shards:
             header, nbytes = _plan_shard(s, out_dtype)
             report["bytes"] += _write_shard(s, header, nbytes, plan, adapter, staging, report)
@@ -316,22 +309,8 @@ def merge_into_files(
             report["files"].append(index_path.name)
         for p in extras:
             _copy_extra(p, staging, out_dtype, report)
-        os.chmod(staging, 0o777 & ~_umask())
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report["seconds"] = time.perf_counter() - t0
     return report
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_shard(
