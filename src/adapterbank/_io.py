@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
@@ -200,7 +200,7 @@ def check_output(path: str | os.PathLike[str], *, overwrite: bool = False, kind:
 
 def output_write_error(
     e: OSError, target: str | os.PathLike[str], *, what: str = "the output", nothing: str = "nothing was written",
-    staging: str | os.PathLike[str] | None = None, hide: str | os.PathLike[str] | None = None,
+    staging: str | os.PathLike[str] | None = None, hide: str | os.PathLike[str] | None = None, hint: str = "",
 ) -> OutputWriteError:
     """An :class:`OutputWriteError` for ``e``: which path, what the OS said, what to do.
 
@@ -219,9 +219,33 @@ def output_write_error(
     reason = e.strerror or str(e) or type(e).__name__
     detail = f" ({fn})" if fn and os.path.abspath(fn) != os.path.abspath(target) else ""
     advice = _ADVICE.get(e.errno or 0, "check the path and run again")
-    err = OutputWriteError(f"Cannot write {what} {target}: {reason}{detail}; {nothing}. {advice[0].upper()}{advice[1:]}.")
+    err = OutputWriteError(f"Cannot write {what} {target}: {reason}{detail}; {nothing}. {advice[0].upper()}{advice[1:]}."
+                           + (f" {hint}" if hint else ""))
     err.errno, err.strerror, err.filename = e.errno, e.strerror, fn or str(target)
     return err
+
+
+def renamed_paths(e: AdapterbankError, paths: Mapping[Path, Path]) -> AdapterbankError:
+    """``e`` with every internal path in its message (a staging copy, a temp folder) replaced by the user's
+    path it stands for; ``e`` itself when its message names none of them.
+
+    >>> from adapterbank.errors import FormatError
+    >>> str(renamed_paths(FormatError("/bank/tmp/x/files/a.json: bad"), {Path("/bank/tmp/x/files"): Path("ad")}))
+    'ad/a.json: bad'
+    """
+    msg = str(e)
+    for internal, user in sorted(paths.items(), key=lambda kv: -len(str(kv[0]))):
+        msg = msg.replace(str(internal), str(user))
+    if msg == str(e):
+        return e
+    new = type(e)(msg)
+    if isinstance(e, OSError) and isinstance(new, OSError):
+        fn = os.fsdecode(e.filename) if e.filename is not None else None
+        for internal, user in paths.items():
+            if fn is not None and _under(fn, internal):
+                fn = str(Path(user) / os.path.relpath(os.path.abspath(fn), os.path.abspath(internal)))
+        new.errno, new.strerror, new.filename = e.errno, e.strerror, fn
+    return new
 
 
 def _under(fn: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
@@ -240,7 +264,8 @@ def is_write_error(e: OSError, *roots: str | os.PathLike[str]) -> bool:
 
 @contextlib.contextmanager
 def writing(target: str | os.PathLike[str], *roots: str | os.PathLike[str], what: str = "the output",
-            nothing: str = "nothing was written", hide: str | os.PathLike[str] | None = None) -> Iterator[None]:
+            nothing: str = "nothing was written", hide: str | os.PathLike[str] | None = None, hint: str = "",
+            ) -> Iterator[None]:
     """Turn an :class:`OSError` from writing ``target`` (a file, its :func:`atomic_write` temp file beside it,
     or anything under ``roots``) into an :class:`OutputWriteError`; other errors pass unchanged."""
     target = Path(target)
@@ -250,9 +275,10 @@ def writing(target: str | os.PathLike[str], *roots: str | os.PathLike[str], what
         fn = os.fsdecode(e.filename) if e.filename is not None else None
         temp_sibling = fn is not None and os.path.dirname(os.path.abspath(fn)) == os.path.abspath(target.parent) \
             and os.path.basename(fn).startswith(f".{target.name}.")
-        if not (temp_sibling or is_write_error(e, target, *roots)):
+        ancestor = fn is not None and _under(target, fn)  # creating the folders above target
+        if not (temp_sibling or ancestor or is_write_error(e, target, *roots)):
             raise
-        raise output_write_error(e, target, what=what, nothing=nothing, hide=hide) from e
+        raise output_write_error(e, target, what=what, nothing=nothing, hide=hide, hint=hint) from e
 
 
 def _lock_dir(path: Path) -> int:
@@ -390,6 +416,11 @@ def atomic_dir(path: str | os.PathLike[str], *, overwrite: bool = False, what: s
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an output gets the usual permissions
             _fsync_tree(tmp)
             _publish(tmp, final, shown, overwrite)
+        except AdapterbankError as e:  # e.g. a nested atomic_dir's error: name the final path, not our temp one
+            renamed = renamed_paths(e, {tmp: shown})
+            if renamed is e:
+                raise
+            raise renamed from e.__cause__
         except OSError as e:
             if not is_write_error(e, tmp, final):
                 raise

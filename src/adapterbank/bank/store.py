@@ -34,7 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from adapterbank._io import atomic_dir, atomic_write, check_output, validate_file_name, validate_name, writing
+from adapterbank._io import (
+    atomic_dir,
+    atomic_write,
+    check_output,
+    renamed_paths,
+    validate_file_name,
+    validate_name,
+    writing,
+)
 from adapterbank.bank.blobs import BlobStore, Staging
 from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, Catalog
 from adapterbank.bank.index import MAX_K, Hit, Index, NumpyIndex, check_k
@@ -179,18 +187,6 @@ def _card_from_row(row: Sequence[Any], files: dict[str, str], spaces: list[str])
     for k in ("ranks", "targets", "tags", "versions", "extra"):
         r[k] = json.loads(r[k])
     return Card(**r, files=files, prototype_spaces=spaces)
-
-
-def _named_as_given(e: AdapterbankError, paths: Mapping[Path, Path]) -> AdapterbankError:
-    """``e`` with every staging path in its message replaced by the user's path it was copied from."""
-    msg = str(e)
-    for staged, user in sorted(paths.items(), key=lambda kv: -len(str(kv[0]))):
-        msg = msg.replace(str(staged), str(user))
-    if msg == str(e):
-        return e
-    new = type(e)(msg)
-    new.__cause__, new.__suppress_context__ = None, True
-    return new
 
 
 def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -458,7 +454,10 @@ class Bank:
             adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
             adapter.check_finite()
         except AdapterbankError as e:  # name the user's files, not our staging copy of them
-            raise _named_as_given(e, {read_root: given, st.dir / "files": src if layout == "dir" else src.parent})
+            renamed = renamed_paths(e, {read_root: given, st.dir / "files": src if layout == "dir" else src.parent})
+            if renamed is e:
+                raise
+            raise renamed from e.__cause__
         fmt = fmt or str(adapter.metadata.get("format", "kohya"))
         return fmt, layout, staged, adapter
 
@@ -581,7 +580,9 @@ class Bank:
         card = self.get(id)
         with tempfile.TemporaryDirectory(prefix="adapterbank-load-") as tmp:
             root = Path(tmp)
-            self._copy_files(card, root)
+            with writing(root, what=f"a temporary copy of adapter {id!r} to", nothing="the adapter was not loaded",
+                         hint="(TMPDIR chooses the temp folder.)"):
+                self._copy_files(card, root)
             target = root
             if card.extra.get("layout") == "file" and len(card.files) >= 1:
                 target = root / self._main_file(card)
