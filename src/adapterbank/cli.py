@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapterbank.errors import AdapterbankError
@@ -31,10 +32,14 @@ ENCODERS_FILE = "encoders.json"
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _open(bank: Path) -> Any:
+def _open(bank: Path, lock_timeout: float | None = None) -> Any:
     from adapterbank.bank import Bank
 
-    return Bank.open(bank)
+    return Bank.open(bank) if lock_timeout is None else Bank.open(bank, lock_timeout=lock_timeout)
+
+
+LOCK_TIMEOUT_HELP = "Seconds to wait while another process writes to the bank (default 60), then fail."
+OVERWRITE_HELP = "Replace an existing output (atomically: the old content stays until the new one is complete)."
 
 
 def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
@@ -136,13 +141,14 @@ def add(
     replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
     batch_size: int = typer.Option(32),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Add an adapter (and its task prototype) to the bank."""
     from adapterbank.prototypes import compute_prototype, describe
 
     if max_length is not None and samples is None and description is None:
         raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
-    b = _open(bank)
+    b = _open(bank, lock_timeout)
     proto = None
     if samples is not None or description is not None:
         enc, spec = _encoder(encoder, bank, max_length)
@@ -172,9 +178,10 @@ def show(bank: Path, id: str) -> None:
 
 
 @app.command()
-def remove(bank: Path, id: str) -> None:
+def remove(bank: Path, id: str, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
-    _open(bank).remove(id)
+    _open(bank, lock_timeout).remove(id)
     console.print(f"Removed {id}")
 
 
@@ -189,16 +196,18 @@ def verify(bank: Path) -> None:
 
 
 @app.command()
-def gc(bank: Path) -> None:
+def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Delete orphan blobs and temp files left by interrupted writes."""
-    console.print(f"removed {_open(bank).gc()} orphan files")
+    console.print(f"removed {_open(bank, lock_timeout).gc()} orphan files")
 
 
 @app.command()
 def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
-           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit).")) -> None:
+           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit)."),
+           overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
-    path = _open(bank).export(id, out, format=format)
+    path = _open(bank).export(id, out, format=format, overwrite=overwrite)
     console.print(f"Wrote {path}")
 
 
@@ -273,6 +282,7 @@ def compose_cmd(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import compose
@@ -284,7 +294,7 @@ def compose_cmd(
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
                    exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
                    lambda_path=lambda_path)
-    path = comp.save(out, format=format, merge_into=merge_into)
+    path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
     fmt = default_output_format(comp.source_formats, format)
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
     console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
@@ -439,10 +449,11 @@ def main() -> None:
     try:
         app()
     except AdapterbankError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
-    except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except OSError as e:  # last resort: an operating-system error our library did not word (one line, no traceback)
+        msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e) or type(e).__name__
+        err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
         sys.exit(2)
 
 
