@@ -3,25 +3,17 @@ machine record of bench/_machine.py."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_compose.py"
-
 
 @pytest.fixture(scope="module")
-def bc() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_compose_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bc(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("bench_compose")
 
 
 def test_adapters_go_through_the_library_formats(bc: ModuleType, tmp_path: Path) -> None:

@@ -5,24 +5,15 @@ and that a trained PEFT LoRA (conv patch embedding included), read back by adapt
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "loo_segmentation.py"
-
 
 @pytest.fixture(scope="module")
-def seg():
-    spec = importlib.util.spec_from_file_location("loo_segmentation_under_test", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def seg(load_bench):
+    return load_bench("loo_segmentation")
 
 
 def test_sites_are_deterministic_and_in_range(seg):

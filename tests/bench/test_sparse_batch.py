@@ -4,9 +4,7 @@ single-target ``solve_sparse``, and bad inputs raise the library's errors."""
 from __future__ import annotations
 
 import doctest
-import importlib.util
-import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import ModuleType
 
 import numpy as np
@@ -15,17 +13,10 @@ import pytest
 from adapterbank.compose.solvers import solve_sparse
 from adapterbank.errors import NonFiniteError, ShapeMismatchError
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "_sparse_batch.py"
-
 
 @pytest.fixture(scope="module")
-def sb() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sparse_batch_under_test", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def sb(load_bench: Callable[[str], ModuleType]) -> ModuleType:
+    return load_bench("_sparse_batch")
 
 
 @pytest.mark.parametrize("k,d", [(3, 2), (10, 768), (30, 16)])
