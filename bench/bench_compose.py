@@ -51,7 +51,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapterbank.formats import read_adapter, write_adapter
 from adapterbank.lora import LoraAdapter, LoraModule, combine, lora_scale, truncate
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
+IO = "adapterbank.formats.read_adapter/write_adapter"
 
 SHAPES: dict[str, tuple[str, tuple[int, int]]] = {  # proj -> (parent, (d_out, d_in))
     "q_proj": ("self_attn", (4096, 4096)),
@@ -120,65 +127,9 @@ def timed(fn: Callable[[], Any]) -> tuple[float, float, float, Any]:
     return dt, peak_mb(), before, out
 
 
-def machine() -> dict[str, Any]:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(), "platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-        "ram_gib": round(mem, 1), "python": platform.python_version(), "torch": torch.__version__,
-    }
-
-
-def io_backend() -> tuple[str, Callable[[str | Path], LoraAdapter], Callable[[LoraAdapter, Path], Any]]:
-    """adapterbank.formats.read_adapter/write_adapter, else formats.peft, else raw safetensors + config."""
-    try:
-        from adapterbank.formats import read_adapter, write_adapter  # type: ignore[attr-defined]
-
-        return "adapterbank.formats.read_adapter/write_adapter", read_adapter, (
-            lambda a, p: write_adapter(a, p, format="peft"))
-    except ImportError:
-        pass
-    try:
-        from adapterbank.formats.peft import read_peft, write_peft
-
-        return "adapterbank.formats.peft.read_peft/write_peft", read_peft, lambda a, p: write_peft(a, p)
-    except ImportError:
-        pass
-    return "raw safetensors (fallback)", _raw_read, _raw_write
-
-
-def _raw_write(a: LoraAdapter, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    t = {}
-    for name, m in a.modules.items():
-        t[f"base_model.model.{name}.lora_A.weight"] = m.A.contiguous()
-        t[f"base_model.model.{name}.lora_B.weight"] = m.B.contiguous()
-    save_file(t, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    r = next(iter(a.modules.values())).rank
-    alpha = next(iter(a.modules.values())).scale * r
-    cfg = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in a.modules})}
-    (out / "adapter_config.json").write_text(json.dumps(cfg))
-
-
-def _raw_read(path: str | Path) -> LoraAdapter:
-    p = Path(path)
-    cfg = json.loads((p / "adapter_config.json").read_text())
-    t = load_file(p / "adapter_model.safetensors")
-    mods = {}
-    for k, A in t.items():
-        if k.endswith(".lora_A.weight"):
-            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-            B = t[k.replace("lora_A", "lora_B")]
-            mods[name] = LoraModule(A, B, cfg["lora_alpha"] / cfg["r"], (B.shape[0], A.shape[1]))
-    return LoraAdapter(mods, cfg.get("base_model_name_or_path"))
+def write_peft(a: LoraAdapter, out: Path) -> None:
+    """The adapter as a PEFT directory (``adapterbank.formats.write_adapter``)."""
+    write_adapter(a, out, format="peft")
 
 
 def module_name(layer: int, proj: str) -> str:
@@ -263,10 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    backend, read, write = io_backend()
-    res: dict[str, Any] = {"machine": machine(), "config": {
+    read, write = read_adapter, write_peft
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    res: dict[str, Any] = {"machine": machine(
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), host=platform.node(),
+        ram_gib=round(mem, 1)), "config": {
         "layers": args.layers, "rank": RANK, "alpha": ALPHA, "adapters": K, "weights": WEIGHTS,
-        "shapes": {k: v[1] for k, v in SHAPES.items()}, "io": backend, "repeats": args.repeats,
+        "shapes": {k: v[1] for k, v in SHAPES.items()}, "io": IO, "repeats": args.repeats,
         "peak_rss_method": "VmHWM reset via /proc/self/clear_refs" if HWM_RESET else "ru_maxrss (lifetime)",
     }}
     try:

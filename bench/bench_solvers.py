@@ -22,13 +22,18 @@ import datetime as dt  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from adapterbank.compose import solvers as S  # noqa: E402
-from adapterbank.compose.solvers import gram, solve_sparse, solve_sparse_batch  # noqa: E402
+from adapterbank.compose.solvers import gram, solve_sparse  # noqa: E402
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sparse_batch import solve_sparse_batch  # noqa: E402
 
 
 def make_problem(rng: np.random.Generator, k: int, d: int) -> tuple[np.ndarray, np.ndarray, float]:

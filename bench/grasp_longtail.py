@@ -46,8 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterbank import grasp
-from adapterbank.grasp.inject import versions
+from adapterbank import grasp, versions
 
 log = logging.getLogger("grasp_longtail")
 ROOT = Path(__file__).resolve().parent

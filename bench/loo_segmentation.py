@@ -403,33 +403,6 @@ class DiceEvaluator:
         return {"dice": float(dice_per_image(pred, task.y).mean())}
 
 
-def include_self_ablation(bank: Any, enc: Any, evaluator: DiceEvaluator, sites: dict[str, dict[str, Split]],
-                          main: Any, k: int) -> Any:
-    """Seed Table 6: the target's own LoRA stays in the pool. ``evaluate(include_self=True)`` takes p_T from the
-    bank, where it equals the target adapter's own prototype (distance 0, so Lin/Sparse/Nearest pick it alone by
-    construction); here p_T is computed from the target's *validation* images instead (unlabelled, not those its
-    adapter's prototype came from), and each strategy is composed and scored directly."""
-    from adapterbank.compose import compose
-    from adapterbank.evaluate import EvalRecord, EvalResults
-    from adapterbank.prototypes import compute_prototype
-
-    recs = [r for r in main.records if r.sweep is None and r.method in ("pretrained", "sft")]
-    for t, d in sites.items():
-        p_t = compute_prototype(enc, [im[0] for im in d["val"].x.numpy()], batch_size=250,
-                                description=f"site {t}: {len(d['val'].x)} validation images")
-        for m in ("nearest", "avg", "sim", "lin", "sparse"):
-            comp = compose(bank, p_t, k=k, strategy=m)
-            t0 = time.perf_counter()
-            metrics = evaluator(comp.adapter, d["test"])
-            recs.append(EvalRecord(t, m, k, {}, {a: float(b) for a, b in comp.params.items()}, list(comp.ids),
-                                   [float(x) for x in comp.distances], [float(w) for w in comp.weights],
-                                   str(comp.status), metrics, include_self=True,
-                                   seconds=time.perf_counter() - t0))
-    return EvalResults(records=recs, targets=list(sites), config={**main.config, "include_self": True,
-                       "sweep_k": [], "sweep_lam": [], "target_prototype": "validation images of the target"},
-                       meta={"created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-
-
 # ----- extra report parts (seed appendix: Tables 8-9, Figure 3) -------------------------------------
 
 
@@ -574,15 +547,18 @@ def _md_to_html(lines: list[str]) -> str:
     return "\n".join(out)
 
 
-# ----- main ----------------------------------------------------------------------------------------
+# ----- stages --------------------------------------------------------------------------------------
 
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine, quiet_logging  # noqa: E402
 
+ABLATION_METHODS = ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")  # the ablation table's columns
+QUAL_COLS = ["input", "ground truth", "pretrained", "sft", "nearest", "avg", "lin", "sparse"]  # Figure 3's columns
 
-def main(argv: Sequence[str] | None = None) -> int:
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("-o", "--out", type=Path, default=None, help="output folder (default bench/results/loo_segmentation_SIZE)")
@@ -590,69 +566,98 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--retrain", action="store_true", help="train the base and the LoRAs again even if they exist")
     ap.add_argument("--figures", type=Path, default=None,
                     help="also copy results.md and the PNGs to this folder (e.g. bench/figures/loo_segmentation)")
-    args = ap.parse_args(argv)
-    quiet_logging("matplotlib")
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(SEED)
-    cfg = SIZES[args.size]
-    out: Path = args.out or Path("bench/results") / f"loo_segmentation_{args.size}"
-    out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
+    return ap.parse_args(argv)
 
-    from adapterbank.bank import Bank
-    from adapterbank.compose import compose
-    from adapterbank.evaluate import evaluate, write_report
-    from adapterbank.prototypes import compute_prototype, model_fingerprint
 
-    # 1. data
+def stage_data(cfg: dict[str, Any]) -> tuple[dict[str, Split], dict[str, dict[str, Split]], str]:
+    """1. The clean pre-training splits, each site's train / val / test splits, and their digest."""
     t0 = time.perf_counter()
     clean, sites, digest = make_splits(cfg)
     log.info("data: %d sites, %d train / %d val / %d test images each, %d clean pre-training images (%.1f s)",
              len(sites), cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["n_pre"], time.perf_counter() - t0)
+    return clean, sites, digest
 
-    # 2. pre-trained base (clean images only), then one LoRA per site; reused while the stamp is unchanged
-    stamp = {"digest": digest, "size": args.size, "cfg": cfg, "vit": VIT, "lora": LORA, "lr": [PRE_LR, LORA_LR],
+
+@dataclass
+class Trained:
+    """What stage 2 leaves: the frozen base, its encoder (Eq. 1) and how the base and the LoRAs were trained."""
+
+    base: ViTSegmenter
+    enc: Any
+    fp: str  # the base weights' fingerprint
+    base_id: str
+    pre_info: dict[str, Any]
+    train_info: dict[str, Any]
+    fresh: bool  # trained by this invocation (else reused from an earlier one)
+
+
+def _freeze(base: ViTSegmenter) -> None:
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+
+def stage_pretrain(clean: dict[str, Split], cfg: dict[str, Any], base_dir: Path) -> tuple[ViTSegmenter, dict[str, Any], str]:
+    """2a. The base, pre-trained on clean images only, saved to ``base_dir`` and frozen: (base, info, fingerprint)."""
+    from adapterbank.prototypes import model_fingerprint
+
+    torch.manual_seed(SEED)
+    base = build_model()
+    pre_info = train(base, clean["train"], cfg["pre_steps"], PRE_LR, SEED)
+    save_base(base, base_dir)
+    fp = model_fingerprint(base_dir)
+    pre_info["val_dice_clean"] = round(float(dice_per_image(predict(base, clean["val"].x), clean["val"].y).mean()), 4)
+    log.info("pre-trained on clean images: loss %.3f -> %.3f, val Dice %.4f (%.0f s)", pre_info["first_loss"],
+             pre_info["last_loss"], pre_info["val_dice_clean"], pre_info["seconds"])
+    _freeze(base)
+    return base, pre_info, fp
+
+
+def stage_site_adapters(base: ViTSegmenter, enc: Any, sites: dict[str, dict[str, Split]], cfg: dict[str, Any],
+                        out: Path, bank_dir: Path, base_id: str) -> dict[str, Any]:
+    """2b. One PEFT LoRA per site, each added to a new bank with its training images' prototype: training info."""
+    from adapterbank.bank import Bank
+    from adapterbank.formats import read_adapter
+    from adapterbank.prototypes import compute_prototype
+
+    bank = Bank.init(bank_dir)
+    train_info: dict[str, Any] = {}
+    for j, (name, d) in enumerate(sites.items()):
+        folder = out / "adapters" / name
+        info = train_lora(base, d["train"], cfg["lora_steps"], folder, SEED + 1 + j, base_id)
+        ev = DiceEvaluator(base, "val")
+        ad = read_adapter(folder)
+        info["val_dice_pretrained"] = round(ev(None, d["val"])["dice"], 4)
+        info["val_dice_lora"] = round(ev(ad, d["val"])["dice"], 4)
+        proto = compute_prototype(enc, [im[0] for im in d["train"].x.numpy()], batch_size=250,
+                                  description=f"site {name}: {len(d['train'].x)} training images "
+                                              f"(Fashion-MNIST train), {SITES[name].analog}")
+        bank.add(folder, id=name, prototype=proto, tags=["fmnist-seg"], description=SITES[name].analog)
+        train_info[name] = info
+        log.info("LoRA %-12s loss %.3f -> %.3f, val Dice %.4f -> %.4f (%.0f s)", name, info["first_loss"],
+                 info["last_loss"], info["val_dice_pretrained"], info["val_dice_lora"], info["seconds"])
+    bank.close()
+    return train_info
+
+
+def stage_train_or_reuse(out: Path, size: str, cfg: dict[str, Any], clean: dict[str, Split],
+                         sites: dict[str, dict[str, Split]], digest: str, retrain: bool) -> Trained:
+    """2. The pre-trained base, then one LoRA per site in a bank; reused while ``bank.stamp.json`` is unchanged."""
+    from adapterbank.prototypes import model_fingerprint
+
+    stamp = {"digest": digest, "size": size, "cfg": cfg, "vit": VIT, "lora": LORA, "lr": [PRE_LR, LORA_LR],
              "batch": BATCH, "fg": FG_THRESHOLD, "seed": SEED, "sites": {n: SITES[n].analog for n in cfg["sites"]}}
     stamp_file = out / "bank.stamp.json"
     base_dir, bank_dir = out / "base", out / "bank"
     stamp = json.loads(json.dumps(stamp))  # tuples -> lists, so it compares equal to the stored copy
-    fresh = args.retrain or not stamp_file.exists() or json.loads(stamp_file.read_text()).get("stamp") != stamp
+    fresh = retrain or not stamp_file.exists() or json.loads(stamp_file.read_text()).get("stamp") != stamp
     if fresh:
         for d in (base_dir, bank_dir, out / "adapters", out / "cache"):
             if d.exists():
                 shutil.rmtree(d)
-        torch.manual_seed(SEED)
-        base = build_model()
-        pre_info = train(base, clean["train"], cfg["pre_steps"], PRE_LR, SEED)
-        save_base(base, base_dir)
-        fp = model_fingerprint(base_dir)
+        base, pre_info, fp = stage_pretrain(clean, cfg, base_dir)
         base_id = f"{BASE_NAME}@{fp}"
-        pre_info["val_dice_clean"] = round(float(dice_per_image(predict(base, clean["val"].x), clean["val"].y).mean()), 4)
-        log.info("pre-trained on clean images: loss %.3f -> %.3f, val Dice %.4f (%.0f s)", pre_info["first_loss"],
-                 pre_info["last_loss"], pre_info["val_dice_clean"], pre_info["seconds"])
-        for p in base.parameters():
-            p.requires_grad_(False)
         enc = make_encoder(base, fp)
-        bank = Bank.init(bank_dir)
-        train_info: dict[str, Any] = {}
-        for j, (name, d) in enumerate(sites.items()):
-            folder = out / "adapters" / name
-            info = train_lora(base, d["train"], cfg["lora_steps"], folder, SEED + 1 + j, base_id)
-            ev = DiceEvaluator(base, "val")
-            from adapterbank.formats import read_adapter
-
-            ad = read_adapter(folder)
-            info["val_dice_pretrained"] = round(ev(None, d["val"])["dice"], 4)
-            info["val_dice_lora"] = round(ev(ad, d["val"])["dice"], 4)
-            proto = compute_prototype(enc, [im[0] for im in d["train"].x.numpy()], batch_size=250,
-                                      description=f"site {name}: {len(d['train'].x)} training images "
-                                                  f"(Fashion-MNIST train), {SITES[name].analog}")
-            bank.add(folder, id=name, prototype=proto, tags=["fmnist-seg"], description=SITES[name].analog)
-            train_info[name] = info
-            log.info("LoRA %-12s loss %.3f -> %.3f, val Dice %.4f -> %.4f (%.0f s)", name, info["first_loss"],
-                     info["last_loss"], info["val_dice_pretrained"], info["val_dice_lora"], info["seconds"])
-        bank.close()
+        train_info = stage_site_adapters(base, enc, sites, cfg, out, bank_dir, base_id)
         stamp_file.write_text(json.dumps({"stamp": stamp, "pretrain": pre_info, "train": train_info,
                                           "base_id": base_id, "fingerprint": fp}, indent=1))
     else:
@@ -661,44 +666,90 @@ def main(argv: Sequence[str] | None = None) -> int:
         base = load_base(base_dir)
         if model_fingerprint(base_dir) != fp:
             raise RuntimeError(f"{base_dir} changed since the bank was built; run with --retrain")
-        for p in base.parameters():
-            p.requires_grad_(False)
+        _freeze(base)
         enc = make_encoder(base, fp)
         log.info("reusing the base model and the bank in %s", out)
+    return Trained(base, enc, fp, base_id, pre_info, train_info, fresh)
 
-    # the ablation's prototype space (same images, another pooling of the same frozen encoder)
-    enc2 = make_encoder_all_layers(base, fp)
-    bank = Bank.open(bank_dir)
+
+def stage_ablation_space(bank: Any, trained: Trained, sites: dict[str, dict[str, Split]]) -> Any:
+    """3a. The ablation's prototype space (same images, another pooling of the same frozen encoder): its encoder."""
+    from adapterbank.prototypes import compute_prototype
+
+    enc2 = make_encoder_all_layers(trained.base, trained.fp)
     cards = {c.id: c for c in bank.list()}
     for name, d in sites.items():
         if enc2.space.key not in cards[name].prototype_spaces:
             bank.set_prototype(name, compute_prototype(
                 enc2, [im[0] for im in d["train"].x.numpy()], batch_size=250,
                 description=f"site {name}: {len(d['train'].x)} training images (all-layer encoder)"))
+    return enc2
 
-    # 3. leave-one-out evaluation
-    evaluator = DiceEvaluator(base, f"loo_segmentation.DiceEvaluator:v1:{fp}:{digest[:16]}")
-    tasks = {name: d["test"] for name, d in sites.items()}
+
+def stage_leave_one_out(bank: Any, evaluator: DiceEvaluator, tasks: dict[str, Split], enc: Any, cfg: dict[str, Any],
+                        out: Path) -> tuple[Any, float]:
+    """3b. ``adapterbank.evaluate``: every site held out in turn, every strategy: (results, seconds)."""
+    from adapterbank.evaluate import evaluate
+
     t0 = time.perf_counter()
     res = evaluate(bank, evaluator, strategies="all", k=cfg["k"], tasks=tasks, sweep_k=cfg["sweep_k"],
                    sweep_lam=cfg["sweep_lam"], cache_dir=out / "cache", progress=sys.stderr.isatty(),
                    space=enc.space)
-    t_eval = time.perf_counter() - t0
-    names = list(sites)
-    # ablations, each a report of its own: the target's own LoRA left in the pool (seed Table 6), and the
-    # all-layer prototype space
+    return res, time.perf_counter() - t0
+
+
+def validation_prototypes(enc: Any, sites: dict[str, dict[str, Split]]) -> dict[str, Any]:
+    """p_T of each site from its *validation* images (unlabelled; not the images its adapter's prototype came from)."""
+    from adapterbank.prototypes import compute_prototype
+
+    return {t: compute_prototype(enc, [im[0] for im in d["val"].x.numpy()], batch_size=250,
+                                 description=f"site {t}: {len(d['val'].x)} validation images")
+            for t, d in sites.items()}
+
+
+def stage_ablations(bank: Any, evaluator: DiceEvaluator, tasks: dict[str, Split], sites: dict[str, dict[str, Split]],
+                    enc: Any, enc2: Any, cfg: dict[str, Any], out: Path) -> tuple[dict[str, tuple[str, Any]], float]:
+    """3c. The ablations, each a report of its own: the target's own LoRA left in the pool (seed Table 6) with p_T
+    from the target's validation images — with the bank prototype it would sit at distance 0 and Nearest, Lin and
+    Sparse would pick it alone by construction — and the all-layer prototype space. ({key: (description,
+    results)}, seconds)."""
+    from adapterbank.evaluate import evaluate
+
     t0 = time.perf_counter()
     ablations = {
         "include_self": ("target's own LoRA left in the pool, p_T from the target's validation images (seed Table 6)",
-                         include_self_ablation(bank, enc, evaluator, sites, res, cfg["k"])),
+                         evaluate(bank, evaluator, strategies="all", k=cfg["k"], tasks=tasks, include_self=True,
+                                  target_prototypes=validation_prototypes(enc, sites), cache_dir=out / "cache",
+                                  space=enc.space)),
         "all_layers": ("prototypes from every encoder layer (320-d, space `encoder-all-layers`)",
                        evaluate(bank, evaluator, strategies="all", k=cfg["k"], tasks=tasks,
                                 cache_dir=out / "cache", space=enc2.space)),
     }
-    t_abl = time.perf_counter() - t0
+    return ablations, time.perf_counter() - t0
 
-    # 4. seed appendix: cross-site Dice (Table 9), prototype distances (Table 8), qualitative figure (Figure 3)
+
+@dataclass
+class Appendix:
+    """Stage 4's numbers: cross-site Dice (Table 9), prototype distances (Table 8), qualitative panels (Figure 3)."""
+
+    names: list[str]  # the sites, in the size's order
+    cross: np.ndarray  # (test site, adapter) Dice
+    pre_col: np.ndarray  # (test site,) Dice of the pre-trained model
+    clean_dice: dict[str, float]
+    dist_tt: np.ndarray  # (test site, training site) squared prototype distance
+    panels: dict[str, dict[str, np.ndarray]]
+    qdice: dict[str, dict[str, float]]
+    seconds: float
+
+
+def stage_appendix(bank: Any, evaluator: DiceEvaluator, res: Any, tasks: dict[str, Split], clean: dict[str, Split],
+                   enc: Any, cfg: dict[str, Any]) -> Appendix:
+    """4. Seed appendix: cross-site Dice (Table 9), prototype distances (Table 8), qualitative figure (Figure 3)."""
+    from adapterbank.compose import compose
+    from adapterbank.prototypes import compute_prototype
+
     t0 = time.perf_counter()
+    names = list(tasks)
     adapters = {n: bank.load_adapter(n) for n in names}
     cross = np.array([[evaluator(adapters[a], tasks[t])["dice"] for a in names] for t in names])  # (test site, adapter)
     pre_col = np.array([res.table("dice")[t]["pretrained"] for t in names])
@@ -707,7 +758,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     test_protos = {n: compute_prototype(enc, [im[0] for im in tasks[n].x.numpy()], batch_size=250).vector.astype(np.float64)
                    for n in names}
     dist_tt = np.array([[np.sum((test_protos[t] - protos[a]) ** 2) for a in names] for t in names])
-    qual_cols = ["input", "ground truth", "pretrained", "sft", "nearest", "avg", "lin", "sparse"]
     panels: dict[str, dict[str, np.ndarray]] = {}
     qdice: dict[str, dict[str, float]] = {}
     comp_params = dict(res.config.get("params", {}))
@@ -717,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         panels[t] = {"input": x[0, 0].numpy(), "ground truth": y[0].numpy()}
         qdice[t] = {}
         p_t = bank.get_prototype(t, enc.space)
-        for m in qual_cols[2:]:
+        for m in QUAL_COLS[2:]:
             if m == "pretrained":
                 ad = None
             elif m == "sft":
@@ -728,23 +778,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             pred = predict(evaluator.model(ad), x)
             panels[t][m] = pred[0].numpy().astype(np.float32)
             qdice[t][m] = float(dice_per_image(pred, y)[0])
-    bank.close()
-    t_extra = time.perf_counter() - t0
+    return Appendix(names, cross, pre_col, clean_dice, dist_tt, panels, qdice, time.perf_counter() - t0)
 
+
+def stage_reports(res: Any, ablations: dict[str, tuple[str, Any]], trained: Trained, app: Appendix, args: argparse.Namespace,
+                  cfg: dict[str, Any], digest: str, out: Path, t_eval: float, t_abl: float, t_all: float) -> None:
+    """5a. The run's metadata, then ``write_report`` for the main results and for each ablation."""
+    from adapterbank.evaluate import write_report
+
+    names = app.names
     res.meta.update({
         "benchmark": "B: loo_segmentation", "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
         "size": args.size,
         "config": {**cfg, "vit": VIT, "patch": PATCH, "image": IMG, "lora": LORA, "pre_lr": PRE_LR,
                    "lora_lr": LORA_LR, "batch": BATCH, "fg_threshold": FG_THRESHOLD, "seed": SEED,
-                   "base": base_id, "data": str(FMNIST_DIR)},
-        "sites": {n: SITES[n].analog for n in names}, "data_digest": digest, "pretrain": pre_info,
-        "train": train_info, "clean_test_dice": clean_dice,
-        "cross_site_dice": {"rows_test_site": names, "cols_adapter": names, "dice": cross.tolist(),
-                            "pretrained": pre_col.tolist()},
+                   "base": trained.base_id, "data": str(FMNIST_DIR)},
+        "sites": {n: SITES[n].analog for n in names}, "data_digest": digest, "pretrain": trained.pre_info,
+        "train": trained.train_info, "clean_test_dice": app.clean_dice,
+        "cross_site_dice": {"rows_test_site": names, "cols_adapter": names, "dice": app.cross.tolist(),
+                            "pretrained": app.pre_col.tolist()},
         "prototype_sq_dist_test_vs_train": {"rows_test_site": names, "cols_train_site": names,
-                                            "d2": dist_tt.tolist()},
-        "eval_seconds": round(t_eval, 1), "extra_seconds": round(t_extra, 1), "ablation_seconds": round(t_abl, 1),
+                                            "d2": app.dist_tt.tolist()},
+        "eval_seconds": round(t_eval, 1), "extra_seconds": round(app.seconds, 1), "ablation_seconds": round(t_abl, 1),
         "ablations": {k: {"description": v[0], "report": f"ablation_{k}/results.md",
                           "dice": v[1].table("dice")} for k, v in ablations.items()},
     })
@@ -758,17 +814,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ares.meta["ablation"] = desc
         write_report(ares, out / f"ablation_{key}", title=f"{title} — ablation: {desc}")
 
-    # extra sections, appended to results.md and index.html
+
+def stage_extra_sections(res: Any, ablations: dict[str, tuple[str, Any]], trained: Trained, app: Appendix,
+                         sites: dict[str, dict[str, Split]], clean: dict[str, Split], enc: Any, enc2: Any,
+                         cfg: dict[str, Any], out: Path, t_eval: float, t_abl: float) -> Path:
+    """5b. The seed-appendix plots and sections, appended to results.md and index.html: results.md's path."""
+    names = app.names
+    pre_info, train_info = trained.pre_info, trained.train_info
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     plot_gallery(sites, clean, plots / "sites.png")
-    plot_matrix(np.concatenate([pre_col[:, None], cross], 1), names, ["Pre-trained", *names],
+    plot_matrix(np.concatenate([app.pre_col[:, None], app.cross], 1), names, ["Pre-trained", *names],
                 plots / "cross_site_dice.png", "Dice of each site's LoRA (columns) on each site's test images (rows)",
                 ".2f", "viridis", 0.0, 1.0, xlabel="adapter", ylabel="test site")
-    plot_matrix(dist_tt, names, names, plots / "prototype_distances.png",
+    plot_matrix(app.dist_tt, names, names, plots / "prototype_distances.png",
                 "Squared prototype distance (log colour): test images (rows) vs training images (columns)", ".3g",
                 "viridis_r", xlabel="training set", ylabel="test set", log=True)
-    plot_qualitative(panels, qual_cols, plots / "qualitative.png", qdice)
+    plot_qualitative(app.panels, QUAL_COLS, plots / "qualitative.png", app.qdice)
     tab = res.table("dice")
     lines = [
         "", "## Benchmark B: setup", "",
@@ -777,10 +839,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(from its test set). Ground truth: the clean image's foreground, intensity > {FG_THRESHOLD} on [0, 1] "
         f"(no hole filling). Metric: mean per-image Dice of the predicted foreground."),
         "",
-        (f"Model: `{base_id}` — `transformers.ViTModel` (28×28, {PATCH}×{PATCH} patches, {VIT['num_hidden_layers']} layers, "
+        (f"Model: `{trained.base_id}` — `transformers.ViTModel` (28×28, {PATCH}×{PATCH} patches, "
+        f"{VIT['num_hidden_layers']} layers, "
         f"width {VIT['hidden_size']}, {VIT['num_attention_heads']} heads, MLP {VIT['intermediate_size']}) + a linear patch "
         f"decoder; pre-trained on {cfg['n_pre']} clean images ({cfg['pre_steps']} steps, batch {BATCH}, BCE + Dice): "
-        f"Dice {clean_dice['pretrained']:.4f} on {cfg['n_clean_test']} clean test images. "
+        f"Dice {app.clean_dice['pretrained']:.4f} on {cfg['n_clean_test']} clean test images. "
         f"LoRA per site: PEFT r={LORA['r']}, α={LORA['lora_alpha']} on {', '.join(LORA['target_modules'])} "
         f"({next(iter(train_info.values()))['trainable_params']} parameters), {cfg['lora_steps']} steps, lr {LORA_LR}."),
         "",
@@ -800,13 +863,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Cross-site Dice (seed Table 9)", "",
         ("Each site's own LoRA applied to every site's test images (rows: test site; columns: adapter). "
         "The diagonal is SFT."), "",
-        *_md_matrix(np.concatenate([pre_col[:, None], cross], 1), names, ["Pre-trained", *names], "test \\ adapter",
-                    ".4f", bold_diag=True),
+        *_md_matrix(np.concatenate([app.pre_col[:, None], app.cross], 1), names, ["Pre-trained", *names],
+                    "test \\ adapter", ".4f", bold_diag=True),
         "", "![cross-site Dice](plots/cross_site_dice.png)", "",
         "## Prototype distances (seed Table 8)", "",
         ("Squared distance between the prototype of each site's *test* images (rows) and each site's *training* "
         "prototype (columns; the ones in the bank)."), "",
-        *_md_matrix(dist_tt, names, names, "test \\ train", ".4g", bold_diag=True),
+        *_md_matrix(app.dist_tt, names, names, "test \\ train", ".4g", bold_diag=True),
         "", "![prototype distances](plots/prototype_distances.png)", "",
         "## Gap closed by Sparse", "",
         "(Sparse − Pre-trained) / (SFT − Pre-trained) per target: "
@@ -818,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| setting | Pre-trained | SFT | Nearest | Avg | Sim | Lin | Sparse |", "|:---|" + "---:|" * 7,
         *[f"| {label} | " + " | ".join(
             f"{np.mean([r.table('dice')[t][m] for t in names]):.4f}"
-            for m in ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")) + " |"
+            for m in ABLATION_METHODS) + " |"
           for label, r in [("main (last-layer prototypes, target excluded)", res)]
           + [(d, r) for d, r in ablations.values()]],
         "",
@@ -830,19 +893,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Weights given to the target's own LoRA with include-self (Table 6): " + "; ".join(
             f"{t}: " + ", ".join(f"{m} {ablations['include_self'][1].main(t, m).weight_of(t) or 0.0:+.2f}"
                                  for m in ("sim", "lin", "sparse")) for t in names) + ". "
-        "(`evaluate(include_self=True)` would take p_T from the bank, where it *is* the target adapter's own "
-        "prototype — distance 0, so Nearest, Lin and Sparse would pick it alone by construction; this ablation "
-        "therefore computes p_T from the target's validation images and composes directly.)",
+        "(With the bank prototype as p_T the target's own adapter sits at distance 0, so Nearest, Lin and Sparse "
+        "would pick it alone by construction; this ablation therefore passes p_T from the target's validation "
+        "images: `evaluate(include_self=True, target_prototypes=...)`.)",
         "",
         "## Run", "",
         f"- command: `{res.meta['command']}`",
         (f"- date: {res.meta['date']}; machine: {res.meta['machine']['cpu']}, {res.meta['machine']['cores']} cores, "
         f"torch threads {res.meta['machine']['torch_threads']}"),
-        (f"- training (when the bank was built{'' if fresh else ', by an earlier invocation'}): pre-training "
+        (f"- training (when the bank was built{'' if trained.fresh else ', by an earlier invocation'}): pre-training "
         f"{pre_info['seconds']:.0f} s, LoRAs {sum(t['seconds'] for t in train_info.values()):.0f} s"),
         (f"- this invocation: {res.meta['total_seconds']:.0f} s (leave-one-out {t_eval:.0f} s with "
         f"{res.meta.get('evaluator_calls')} evaluator calls and {res.meta.get('cache_hits')} cache hits; ablations "
-        f"{t_abl:.0f} s; appendix {t_extra:.0f} s)"),
+        f"{t_abl:.0f} s; appendix {app.seconds:.0f} s)"),
         "",
     ]
     md = out / "results.md"
@@ -851,26 +914,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     page = idx.read_text()
     page = page.replace("</body>", _md_to_html(lines) + "\n</body>", 1)
     idx.write_text(page)
+    return md
 
-    if args.figures is not None:
-        fig_dir = args.figures
-        (fig_dir / "plots").mkdir(parents=True, exist_ok=True)
-        shutil.copy2(md, fig_dir / "results.md")
-        n = 0
-        for src in [out, *(out / f"ablation_{key}" for key in ablations)]:
-            dst = fig_dir / src.relative_to(out)
-            (dst / "plots").mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / "results.md", dst / "results.md")
-            for p in sorted((src / "plots").glob("*.png")):
-                shutil.copy2(p, dst / "plots" / p.name)
-                n += 1
-        log.info("copied the results.md files and %d PNGs to %s", n, fig_dir)
 
+def stage_copy_figures(out: Path, fig_dir: Path, ablation_keys: Sequence[str]) -> None:
+    """6. Copy the results.md files and the PNGs (main report and each ablation's) to ``fig_dir``."""
+    (fig_dir / "plots").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(out / "results.md", fig_dir / "results.md")
+    n = 0
+    for src in [out, *(out / f"ablation_{key}" for key in ablation_keys)]:
+        dst = fig_dir / src.relative_to(out)
+        (dst / "plots").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / "results.md", dst / "results.md")
+        for p in sorted((src / "plots").glob("*.png")):
+            shutil.copy2(p, dst / "plots" / p.name)
+            n += 1
+    log.info("copied the results.md files and %d PNGs to %s", n, fig_dir)
+
+
+def log_summary(res: Any, out: Path, t_all: float) -> None:
+    tab = res.table("dice")
     cols = res.methods
     log.info("%s  %s", "dice".ljust(12), " ".join(c.rjust(10) for c in cols))
     for t in res.targets:
         log.info("%s  %s", t.ljust(12), " ".join(f"{tab[t].get(c, math.nan):10.4f}" for c in cols))
     log.info("report in %s (%.0f s in all)", out, time.perf_counter() - t_all)
+
+
+# ----- main ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    quiet_logging("matplotlib")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    cfg = SIZES[args.size]
+    out: Path = args.out or Path("bench/results") / f"loo_segmentation_{args.size}"
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+
+    from adapterbank.bank import Bank
+
+    clean, sites, digest = stage_data(cfg)  # 1
+    trained = stage_train_or_reuse(out, args.size, cfg, clean, sites, digest, args.retrain)  # 2
+    bank = Bank.open(out / "bank")
+    enc = trained.enc
+    enc2 = stage_ablation_space(bank, trained, sites)  # 3
+    evaluator = DiceEvaluator(trained.base, f"loo_segmentation.DiceEvaluator:v1:{trained.fp}:{digest[:16]}")
+    tasks = {name: d["test"] for name, d in sites.items()}
+    res, t_eval = stage_leave_one_out(bank, evaluator, tasks, enc, cfg, out)
+    ablations, t_abl = stage_ablations(bank, evaluator, tasks, sites, enc, enc2, cfg, out)
+    app = stage_appendix(bank, evaluator, res, tasks, clean, enc, cfg)  # 4
+    bank.close()
+    stage_reports(res, ablations, trained, app, args, cfg, digest, out, t_eval, t_abl, t_all)  # 5
+    stage_extra_sections(res, ablations, trained, app, sites, clean, enc, enc2, cfg, out, t_eval, t_abl)
+    if args.figures is not None:  # 6
+        stage_copy_figures(out, args.figures, list(ablations))
+    log_summary(res, out, t_all)
     return 0
 
 

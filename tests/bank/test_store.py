@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import adapterbank
 from adapterbank.bank import FORMAT_VERSION, Bank, Card, Hit
 from adapterbank.errors import (
     BankError,
@@ -87,6 +88,7 @@ def test_add_peft_card_and_bit_for_bit_export(bank: Bank, peft_dirs: list[Path],
     assert set(card.ranks.values()) == {4}
     assert card.tags == ["nlp", "toy"] and card.license == "mit" and card.source == "https://example.org/task-0"
     assert {"adapterbank", "torch", "safetensors", "peft"} <= set(card.versions)
+    assert card.versions == adapterbank.versions()
     assert card.prototype_spaces == [make_proto(0).space.key]
     assert set(card.files) == {"adapter_model.safetensors", "adapter_config.json"}
     assert json.loads(json.dumps(card.to_dict()))["id"] == "task-0"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import adapterbank
 from adapterbank.bank import Bank
 from adapterbank.compose import RECIPE_FILE, STRATEGIES, compose
 from adapterbank.errors import PrototypeSpaceError, UnknownNameError
@@ -73,6 +74,7 @@ def test_composite_equals_dense_weighted_sum(bank_and_adapters, strategy, tmp_pa
     assert recipe["weights"] == pytest.approx(dict(zip(comp.ids, comp.weights.tolist(), strict=True)))
     assert recipe["target"]["space"]["encoder"] == "toy-encoder"
     assert "adapterbank" in recipe["versions"]
+    assert recipe["versions"] == adapterbank.versions()
 
 
 def test_peft_loads_composite_and_matches_dense(bank_and_adapters, tmp_path, tiny_llama):

@@ -14,7 +14,6 @@ from adapterbank.compose.solvers import (
     lambda_max,
     solve_lin,
     solve_sparse,
-    solve_sparse_batch,
     sparse_path,
 )
 from adapterbank.errors import NonFiniteError, ShapeMismatchError
@@ -213,8 +212,6 @@ def test_non_finite_inputs(bad: float) -> None:
             fn(P, t2)
     with pytest.raises(NonFiniteError):
         solve_sparse(P, t, bad)
-    with pytest.raises(NonFiniteError):
-        solve_sparse_batch(P, np.stack([t, t2]), 1.0)
 
 
 def test_shapes_and_parameters() -> None:
@@ -225,12 +222,8 @@ def test_shapes_and_parameters() -> None:
         solve_lin(P[0], t)
     with pytest.raises(ShapeMismatchError):
         solve_lin(np.zeros((0, 4)), t)
-    with pytest.raises(ShapeMismatchError):
-        solve_sparse_batch(P, np.zeros((2, 5)), 1.0)
     with pytest.raises(ValueError, match="The 'lam' parameter of sparse must be ≥ 0. Got -1 instead."):
         solve_sparse(P, t, -1)
-    with pytest.raises(ValueError, match="'lam'"):
-        solve_sparse_batch(P, np.stack([t, t]), np.array([1.0, -1.0]))
 
 
 def test_scale_and_translation_invariance() -> None:
@@ -268,20 +261,3 @@ def test_lambda_path() -> None:
     lams2, W2 = sparse_path(P, t, np.array([2.0, 0.0]))
     assert lams2.tolist() == [2.0, 0.0]
     np.testing.assert_allclose(W2[0], solve_sparse(P, t, 2.0).weights, atol=1e-10)
-
-
-@pytest.mark.parametrize("k,d", [(3, 2), (10, 768), (30, 16)])
-def test_batch_equals_single(k: int, d: int) -> None:
-    rng = np.random.default_rng(k + d)
-    P = rng.normal(size=(k, d))
-    P[1] = P[0]  # a duplicate: the batch must also return the min-norm optimum
-    T = rng.normal(size=(9, d)) * rng.uniform(0.3, 3, size=(9, 1))
-    T[0] = P[2]
-    lam = rng.uniform(0, 1, size=9) * np.median(((P[None] - T[:, None]) ** 2).sum(-1))
-    lam[1] = 0.0
-    W = solve_sparse_batch(P, T, lam)
-    for i in range(9):
-        np.testing.assert_allclose(W[i], solve_sparse(P, T[i], lam[i]).weights, atol=1e-8)
-    W1 = solve_sparse_batch(P, T, 0.5)  # scalar λ
-    np.testing.assert_allclose(W1[3], solve_sparse(P, T[3], 0.5).weights, atol=1e-8)
-    assert solve_sparse_batch(P, T[:0], 0.5).shape == (0, k)

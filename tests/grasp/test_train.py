@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import adapterbank
 from adapterbank import grasp
 from adapterbank.errors import FormatError, ShapeMismatchError, UnknownNameError
 
@@ -77,6 +78,7 @@ def test_save_load_roundtrip_and_corrupt(tm, tmp_path) -> None:
     ck = h.save(tmp_path / "ck", partitioner=part)
     cfg = json.loads((ck / "grasp_config.json").read_text())
     assert cfg["partitioner"]["type"] == "frequency_tiers" and "torch" in cfg["versions"]
+    assert cfg["versions"] == adapterbank.versions()
     h.remove()
     h2 = grasp.load(model, ck)
     assert h2.partitioner.to_dict() == part.to_dict()

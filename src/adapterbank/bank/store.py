@@ -43,6 +43,7 @@ from adapterbank._io import (
     validate_name,
     writing,
 )
+from adapterbank._versions import versions
 from adapterbank.bank.blobs import BlobStore, Staging
 from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, Catalog
 from adapterbank.bank.index import MAX_K, Hit, Index, NumpyIndex, check_k
@@ -116,21 +117,6 @@ class VerifyReport:
     checked: int
     problems: list[str]
     orphans: list[str] = field(default_factory=list)
-
-
-def _versions() -> dict[str, str]:
-    """Versions recorded on every card (read from package metadata: importing peft takes seconds)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import adapterbank
-
-    out = {"adapterbank": adapterbank.__version__, "numpy": np.__version__}
-    for pkg in ("torch", "safetensors", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:  # pragma: no cover - all are dependencies
-            pass
-    return out
 
 
 def _slug(path: Path) -> str:
@@ -380,7 +366,7 @@ class Bank:
                 "source": source_url if source_url is not None else (str(src_path.resolve()) if src_path else None),
                 "description": description, "license": license, "tags": json.dumps(tag_list),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": json.dumps(_versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
+                "versions": json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
             }
             # Blobs get their final names first (outside the lock), then one transaction commits the entry.
             for p, sha, _size in staged.values():

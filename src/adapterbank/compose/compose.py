@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapterbank._io import atomic_dir, atomic_write_bytes
+from adapterbank._versions import versions
 from adapterbank.compose.strategies import STRATEGIES, WeightResult, compute_weights
 from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError, UnknownNameError
 from adapterbank.lora import LoraAdapter, combine, truncate
@@ -76,24 +76,6 @@ def default_output_format(source_formats: Sequence[str], format: str | None = No
 def serving_rank(adapter: LoraAdapter) -> int:
     """The rank a server needs to hold ``adapter``: its largest module rank (vLLM's ``max_lora_rank`` ≥ this)."""
     return max(adapter.ranks.values(), default=0)
-
-
-def versions() -> dict[str, str]:
-    """Versions of the libraries that shape an artifact (stored in every recipe)."""
-    import safetensors
-    import torch
-
-    import adapterbank
-
-    out = {"adapterbank": adapterbank.__version__, "torch": torch.__version__, "numpy": np.__version__,
-           "safetensors": safetensors.__version__, "python": platform.python_version()}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a dependency
-        pass
-    return out
 
 
 @dataclass

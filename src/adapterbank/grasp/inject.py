@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterbank._versions import versions
 from adapterbank.errors import FormatError, ParameterError, ShapeMismatchError, UnknownNameError
 from adapterbank.grasp.adapters import GroupLoraLinear, GroupResidual, Router
 
@@ -54,19 +55,6 @@ WEIGHTS_NAME = "grasp_adapters.safetensors"
 CHECKPOINT_VERSION = 1
 KINDS = ("residual", "lora")
 Targets = str | Sequence[str] | Callable[[str, nn.Module], Any]
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that matter for a checkpoint."""
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("adapterbank", "torch", "diffusers", "transformers", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 # ------------------------------------------------------------------------------------------ site discovery
