@@ -85,10 +85,16 @@ def test_registration_is_checked() -> None:
     with pytest.raises(InvalidNameError, match="reserved"):
         Format("auto", "", detect=lambda p: False, read=FORMATS["peft"].read, write=FORMATS["peft"].write,
                files=FORMATS["peft"].files)
+    with pytest.raises(FormatError, match="'write' field of Format 'x' must be callable. Got str instead"):
+        Format("x", "", detect=lambda p: False, read=FORMATS["peft"].read, write="peft",  # type: ignore[arg-type]
+               files=FORMATS["peft"].files)
     with pytest.raises(FormatError, match="takes a Format"):
         register_format("toy")  # type: ignore[arg-type]
     with pytest.raises(UnknownNameError, match="peft, kohya, diffusers, grasp_residual"):
         unregister_format("never-registered")
+    with pytest.raises(InvalidNameError, match="built in"):
+        unregister_format("kohya")
+    assert list(FORMATS) == ["peft", "kohya", "diffusers", "grasp_residual"]
 
 
 # -- a format from outside the package ----------------------------------------------------------------------

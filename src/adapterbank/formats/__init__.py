@@ -138,6 +138,11 @@ class Format:
         validate_name(self.name, "format name")
         if self.name == "auto":
             raise InvalidNameError("The format name 'auto' is reserved (it means: follow the sources).")
+        for field in ("detect", "read", "write", "files", "detect_keys"):
+            fn = getattr(self, field)
+            if not callable(fn) and not (field == "detect_keys" and fn is None):
+                raise FormatError(f"The {field!r} field of Format {self.name!r} must be callable. "
+                                  f"Got {type(fn).__name__} instead.")
         if not self.family:
             object.__setattr__(self, "family", self.name)
 
@@ -154,6 +159,7 @@ class FormatRegistry(Mapping[str, Format]):
         self._formats: dict[str, Format] = {}
         for f in formats:
             self.register(f)
+        self._built_in = frozenset(self._formats)
 
     def __getitem__(self, name: str) -> Format:
         try:
@@ -181,8 +187,11 @@ class FormatRegistry(Mapping[str, Format]):
         return fmt
 
     def unregister(self, name: str) -> Format:
-        """Remove the format ``name`` and return it."""
+        """Remove the format ``name`` (one registered after the built-in ones) and return it."""
         fmt = self[name]
+        if name in self._built_in:
+            raise InvalidNameError(f"The format {name!r} is built in; only formats registered at run time "
+                                   "can be unregistered.")
         del self._formats[name]
         return fmt
 
