@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from adapterbank.errors import AdapterbankError
+from adapterbank.formats import FORMATS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -133,7 +134,7 @@ def add(
     encoder: Optional[str] = typer.Option(None, help="Encoder: a HF/sentence-transformers model dir, 'default', or module:function."),
     column: Optional[str] = typer.Option(None, help="Text column of --samples."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model id (checked against the adapter's)."),
-    format: Optional[str] = typer.Option(None, help="peft, kohya or diffusers (default: detect)."),
+    format: Optional[str] = typer.Option(None, help=f"{', '.join(FORMATS)} (default: detect)."),
     tags: Optional[str] = typer.Option(None, help="Comma-separated tags."),
     license: Optional[str] = typer.Option(None),
     source_url: Optional[str] = typer.Option(None),
@@ -204,7 +205,7 @@ def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
 
 @app.command()
 def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
-           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit)."),
+           format: Optional[str] = typer.Option(None, help=f"{', '.join(FORMATS)} (default: as added, bit-for-bit)."),
            overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
     path = _open(bank).export(id, out, format=format, overwrite=overwrite)
@@ -275,7 +276,7 @@ def compose_cmd(
     rank: Optional[int] = typer.Option(None, "--rank", help="Truncate each module exactly to this rank."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Fit a server's max_lora_rank: truncate only "
                                            "the modules above this rank (exactly; their error is printed)."),
-    format: Optional[str] = typer.Option(None, help="Output format: peft, kohya or diffusers (default: follow the "
+    format: Optional[str] = typer.Option(None, help=f"Output format: {', '.join(FORMATS)} (default: follow the "
                                          "inputs; kohya/diffusers inputs give diffusers, PEFT inputs peft)."),
     merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),

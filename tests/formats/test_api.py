@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adapterbank.errors import FormatError, InvalidNameError, UnknownNameError, UnsafeFileError
-from adapterbank.formats import FORMATS, adapter_files, detect_format, read_adapter, write_adapter
+from adapterbank.formats import FORMATS, Format, adapter_files, detect_format, read_adapter, write_adapter
 from adapterbank.formats.safetensors_io import save_file
 from adapterbank.lora import LoraAdapter, LoraModule
 
@@ -19,8 +19,18 @@ def small(prefix: str = "unet.") -> LoraAdapter:
     return LoraAdapter({f"{prefix}mid_block.attentions.0.proj_in": m}, "base-x")
 
 
-def test_formats_tuple() -> None:
-    assert FORMATS == ("peft", "kohya", "diffusers", "grasp_residual")
+def test_formats_table() -> None:
+    assert tuple(FORMATS) == ("peft", "kohya", "diffusers", "grasp_residual")  # also the detection order
+    assert all(isinstance(f, Format) and f.name == name for name, f in FORMATS.items())
+
+
+def sample(fmt: Format) -> LoraAdapter:
+    """A small adapter the format can hold: GRASP residual modules for residual formats, ΔW otherwise."""
+    if not fmt.residual:
+        return small()
+    g = torch.Generator().manual_seed(0)
+    m = LoraModule(torch.randn(2, 3, generator=g), torch.randn(3, 2, generator=g), 0.5, (3, 3), kind="residual")
+    return LoraAdapter({"blocks.0.ff": m}, "base-x")
 
 
 @pytest.mark.parametrize("call", [
@@ -35,9 +45,9 @@ def test_unknown_format_name_lists_valid_ones(tmp_path: Path, call) -> None:  # 
         call(tmp_path)
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "grasp_residual"])  # residual: tests/grasp
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_detect_and_dispatch(tmp_path: Path, fmt: str) -> None:
-    files = write_adapter(small(), tmp_path / "a", format=fmt)
+    files = write_adapter(sample(FORMATS[fmt]), tmp_path / "a", format=fmt)
     assert detect_format(tmp_path / "a") == fmt
     a = read_adapter(tmp_path / "a")
     assert a.metadata["format"] == fmt and a.base_model == "base-x"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from adapterbank.errors import FormatError, NonFiniteError, UnsupportedAdapterError
-from adapterbank.formats import adapter_files, detect_format, read_adapter, write_adapter
+from adapterbank.formats import FORMATS, adapter_files, detect_format, read_adapter, write_adapter
 from adapterbank.formats.kohya import stem_to_path
 from adapterbank.formats.safetensors_io import load_file, save_file
 from adapterbank.lora import LoraAdapter, LoraModule, merge_into
@@ -33,6 +33,8 @@ UNET_NAMES = [
     "time_embedding.linear_2",
 ]
 TE_NAMES = ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.self_attn.out_proj", "encoder.layers.1.mlp.fc1"]
+#: The formats diffusers pipelines load (``pipe.load_lora_weights``): kohya and diffusers.
+PIPELINE_FORMATS = [name for name, f in FORMATS.items() if f.family == "diffusers"]
 
 
 def linear_and_conv_names(model: torch.nn.Module) -> list[str]:
@@ -119,7 +121,11 @@ def test_ldm_names_need_module_names(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_pipeline_formats() -> None:
+    assert PIPELINE_FORMATS == ["kohya", "diffusers"]
+
+
+@pytest.mark.parametrize("fmt", PIPELINE_FORMATS)
 def test_round_trip(tmp_path: Path, sd_adapter: LoraAdapter, same_deltas: Callable[..., None], fmt: str) -> None:
     files = write_adapter(sd_adapter, tmp_path / "w", format=fmt, extra_metadata={"note": "hi"})
     assert detect_format(tmp_path / "w") == fmt == detect_format(files[0])
@@ -270,7 +276,7 @@ def test_diffusers_metadata_with_dora_refused(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------- diffusers as the client
 
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@pytest.mark.parametrize("fmt", PIPELINE_FORMATS)
 def test_pipeline_load_lora_weights_applies_exact_delta(tmp_path: Path, sd_pipe_factory: Callable[[], Any],
                                                         tiny_unet: Any, tiny_clip: Any, sd_adapter: LoraAdapter,
                                                         fmt: str) -> None:

@@ -323,8 +323,8 @@ class Bank:
         base_model = _check_text(base_model, "base_model")
         if prototype is not None and not isinstance(prototype, Prototype):
             raise FormatError(f"The 'prototype' of add must be a Prototype. Got {type(prototype).__name__} instead.")
-        if format is not None and format not in formats.FORMATS:
-            raise UnknownNameError(f"Unknown adapter format {format!r}; valid formats are {list(formats.FORMATS)}.")
+        if format is not None:
+            formats.get_format(format)  # an unknown name raises UnknownNameError listing the valid ones
         if isinstance(source, LoraAdapter):
             if id is None:
                 raise InvalidNameError("An 'id' is required when adding a LoraAdapter object (it has no file name).")
@@ -428,9 +428,10 @@ class Bank:
                 # A legacy pickle: its format is only known after the sandboxed conversion below. Stage the
                 # file under its own name ("kohya" and "diffusers" both take the single weights file).
         files = formats.adapter_files(src, fmt or "kohya")
-        layout = "file" if src.is_file() and fmt != "peft" else "dir"
-        if fmt == "peft" and src.is_file():
-            src = src.parent  # adapter_config.json given: the adapter is its folder
+        single = fmt is None or formats.get_format(fmt).single_file
+        layout = "file" if src.is_file() and single else "dir"
+        if not single and src.is_file():
+            src = src.parent  # e.g. adapter_config.json given: the adapter is its folder
         staged = {}
         for rel, p in files.items():
             rel = _check_rel_name(rel, str(src))
@@ -600,11 +601,10 @@ class Bank:
 
         card = self.get(id)
         out = Path(out)
-        if format is not None and format not in formats.FORMATS:
-            raise UnknownNameError(f"Unknown adapter format {format!r}; valid formats are {list(formats.FORMATS)}.")
+        fmt = None if format is None else formats.get_format(format)  # unknown: UnknownNameError listing the valid ones
         same = format is None or format == card.format
         single = card.extra.get("layout") == "file" and len(card.files) == 1
-        if out.suffix == ".safetensors" and (single if same else format in ("kohya", "diffusers")):
+        if out.suffix == ".safetensors" and (single if same else fmt.single_file):
             check_output(out, overwrite=overwrite, kind="file")
             with writing(out):
                 if same:
@@ -623,7 +623,9 @@ class Bank:
                 written = [tmp / self._main_file(card)] if card.extra.get("layout") == "file" else []
             else:
                 written = formats.write_adapter(adapter, tmp, format=format, base_model=card.base_model)
-                if not (len(written) == 1 and Path(written[0]).suffix == ".safetensors" and format == "kohya"):
+                # a single file in a folder its reader does not recognise (kohya): return the file
+                if not (len(written) == 1 and Path(written[0]).suffix == ".safetensors" and fmt.single_file
+                        and not fmt.detect(tmp)):
                     written = []
         log.info("exported %s%s to %s", id, "" if same else f" as {format}", out)
         return out / Path(written[0]).relative_to(tmp) if written else out

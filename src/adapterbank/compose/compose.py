@@ -21,6 +21,7 @@ from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank._versions import versions
 from adapterbank.compose.strategies import STRATEGIES, WeightResult, compute_weights
 from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError, UnknownNameError
+from adapterbank.formats import FORMATS
 from adapterbank.lora import LoraAdapter, combine, truncate
 from adapterbank.prototypes.space import Prototype
 
@@ -34,10 +35,6 @@ RECIPE_SCHEMA = 1
 
 __all__ = ["Composition", "compose", "default_output_format", "versions", "RECIPE_FILE", "VLLM_MAX_LORA_RANKS"]
 
-#: Output format per family of source formats: the file the family's client loads.
-#: kohya and diffusers adapters are for diffusers pipelines (``pipe.load_lora_weights``), which silently
-#: ignores a PEFT folder; PEFT adapters are for ``PeftModel`` / ``AutoPeftModel*``.
-_FAMILY = {"peft": "peft", "kohya": "diffusers", "diffusers": "diffusers", "grasp_residual": "grasp_residual"}
 #: The ``max_lora_rank`` values vLLM accepts (``MaxLoRARanks`` in vllm/config/lora.py).
 VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -55,7 +52,10 @@ def default_output_format(source_formats: Sequence[str], format: str | None = No
     >>> default_output_format(["kohya"], "kohya")
     'kohya'
     """
-    families = sorted({_FAMILY[f] for f in source_formats if f in _FAMILY})
+    # The output format per family of source formats (``Format.family``: the file the family's client loads).
+    # kohya and diffusers adapters are for diffusers pipelines (``pipe.load_lora_weights``), which silently
+    # ignores a PEFT folder; PEFT adapters are for ``PeftModel`` / ``AutoPeftModel*``.
+    families = sorted({FORMATS[f].family for f in source_formats if f in FORMATS})
     if format is not None and format != "auto":
         if format == "peft" and families == ["diffusers"]:
             raise FormatError(
