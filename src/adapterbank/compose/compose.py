@@ -8,6 +8,7 @@ optional exact rank truncation → a composite adapter folder with ``composition
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.metadata
 import json
 import logging
 import platform
@@ -44,11 +45,9 @@ def versions() -> dict[str, str]:
 
     out = {"adapterbank": adapterbank.__version__, "torch": torch.__version__, "numpy": np.__version__,
            "safetensors": safetensors.__version__, "python": platform.python_version()}
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover - peft is a dependency
+    try:  # from the installed metadata: importing peft would import transformers (seconds)
+        out["peft"] = importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - peft is a dependency
         pass
     return out
 
