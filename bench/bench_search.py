@@ -3,7 +3,7 @@
 For every N (default 1e4 and 1e5; add 1e6 with ``--sizes 1e4,1e5,1e6``) at d=768 with 10 base models:
 
 * anchor  — bare numpy: ``s = X @ q; s = ‖x‖² − 2s`` (norms precomputed), ``argpartition``, sort the top 10;
-  with the base-model filter the anchor masks the other rows to +inf (what DESIGN.md §5 measured).
+  with the base-model filter the anchor masks the other rows to +inf (what the original design note measured).
 * ours    — ``NumpyIndex.search(q, 10)`` and ``search(q, 10, where={"base_model": ...})``: exact float64
   re-ranking, ties by id, filter as a row slice.
 * bank    — ``Bank.search`` end to end (catalog version check + cached index) at N = 1e4, and the cold

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # before numpy is imported:
-    os.environ.setdefault(_var, "1")  # one thread beats two for small ops on shared cores (DESIGN §6)
+    os.environ.setdefault(_var, "1")  # one thread beats two for small ops on shared cores (measured for the design, see BENCHMARKS.md)
 
 import argparse  # noqa: E402
 import datetime as dt  # noqa: E402

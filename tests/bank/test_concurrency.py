@@ -1,4 +1,4 @@
-"""Several processes on one bank; a writer killed with SIGKILL (failure-cases.md 1, 2, 5, 7)."""
+"""Several processes on one bank; a writer killed with SIGKILL (crash and concurrency cases of docs/design.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conformance suite for every :class:`adapterbank.bank.Index` backend (failure-cases.md 8–11).
+"""Conformance suite for every :class:`adapterbank.bank.Index` backend (docs/design.md §5.1).
 
 A new backend (FAISS, Qdrant, ...) plugs in by adding a factory to ``BACKENDS``. Exact backends must
 equal the brute-force float64 reference exactly (ids, order, ties by id); an ANN backend would set

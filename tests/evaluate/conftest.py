@@ -98,3 +98,26 @@ def toy_bank_affine(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Callab
 def delta_eval() -> Callable[[LoraAdapter | None, Mapping[str, Any]], dict[str, float]]:
     """The ΔW-distance evaluator (see :func:`delta_score`)."""
     return delta_score
+
+
+NORM_EVAL = """
+import torch
+from pathlib import Path
+
+CALLS = Path(__file__).with_suffix(".calls")
+
+def score(adapter, card):
+    with CALLS.open("a") as fh:
+        fh.write(card.id + "\\n")
+    if adapter is None:
+        return {"norm": 0.0}
+    return {"norm": float(sum(float((d * d).sum()) for d in adapter.deltas(torch.float64).values()) ** 0.5)}
+"""
+
+
+@pytest.fixture
+def norm_evaluator(tmp_path: Path) -> Path:
+    """A ``file.py`` evaluator (``score``: ‖ΔW‖_F, 0 for Pre-trained) that logs each call's target to ``<file>.calls``."""
+    ev = tmp_path / "norm_eval.py"
+    ev.write_text(NORM_EVAL)
+    return ev

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -11,24 +10,9 @@ from typer.testing import CliRunner
 
 from adapterbank.cli import app
 
-EVAL_FILE = '''
-import torch
-from pathlib import Path
-
-CALLS = Path(__file__).with_suffix(".calls")
-
-def score(adapter, card):
-    with CALLS.open("a") as fh:
-        fh.write(card.id + "\\n")
-    if adapter is None:
-        return {"norm": 0.0}
-    return {"norm": float(sum(float((d * d).sum()) for d in adapter.deltas(torch.float64).values()) ** 0.5)}
-'''
-
-
-def test_evaluate_command_prints_tables_writes_report_and_caches(toy_bank: Any, tmp_path: Path) -> None:
-    ev = tmp_path / "norm_eval.py"
-    ev.write_text(textwrap.dedent(EVAL_FILE))
+def test_evaluate_command_prints_tables_writes_report_and_caches(toy_bank: Any, tmp_path: Path,
+                                                                 norm_evaluator: Path) -> None:
+    ev = norm_evaluator
     out = tmp_path / "report"
     args = ["evaluate", str(toy_bank.path), "--evaluator", f"{ev}:score", "-k", "3", "-o", str(out),
             "--strategies", "avg,sparse", "--no-plots"]
@@ -58,14 +42,13 @@ def test_evaluate_command_refuses_unknown_strategy_and_evaluator(toy_bank: Any, 
     assert r.exit_code != 0 and isinstance(r.exception, AdapterbankError) and "best" in str(r.exception)
 
 
-def test_evaluate_command_with_target_prototypes(toy_bank: Any, tmp_path: Path) -> None:
+def test_evaluate_command_with_target_prototypes(toy_bank: Any, tmp_path: Path, norm_evaluator: Path) -> None:
     """--include-self with held-out target prototypes: the own adapter is no longer at distance 0."""
     import numpy as np
 
     from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
-    ev = tmp_path / "norm_eval.py"
-    ev.write_text(textwrap.dedent(EVAL_FILE))
+    ev = norm_evaluator
     tp = tmp_path / "targets"
     tp.mkdir()
     v = toy_bank.protos["t"].astype(np.float32) + 0.05

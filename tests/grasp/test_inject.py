@@ -42,9 +42,11 @@ def _build(tm, name: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("name", MODELS)
+@torch.no_grad()  # the same kernels before and after inject (a frozen base must not pick other conv kernels)
 def test_identity_at_init_and_remove(tm, name: str) -> None:
     model = _build(tm, name)
     before = _run(name, model)
+    assert torch.equal(_run(name, model), before)  # the base itself is deterministic here
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     h = grasp.inject(model, n_groups=3, rank=4, seed=0)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "down" not in n and "up." not in n)
@@ -59,6 +61,28 @@ def test_identity_at_init_and_remove(tm, name: str) -> None:
     assert set(model.state_dict()) == set(sd)
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, grasp.GraspFFN) for m in model.modules())
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("hw", [(2, 2), (1, 1), (3, 1)])
+def test_channel_first_wrapper_adds_exact_zero_in_the_base_layout(memory_format, hw) -> None:
+    """At U = 0 the wrapped FFN returns the base output bit for bit and in the base's memory layout."""
+    class ConvFFN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(6, 12, 1), nn.Conv2d(12, 6, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.nn.functional.gelu(self.a(x))).contiguous(memory_format=memory_format)
+
+    model = nn.Sequential()
+    model.ff = ConvFFN()
+    x = torch.randn(4, 6, *hw)
+    y = model.ff(x)
+    grasp.inject(model, n_groups=2, rank=3, targets=lambda n, m: 1 if n == "ff" else None, seed=0)
+    with grasp.route(model, [0, 1, 1, 0]):
+        out = model.ff(x)
+    assert torch.equal(out, y) and out.stride() == y.stride()
 
 
 def test_sites_found(tm) -> None:
@@ -144,6 +168,7 @@ def test_targets_list_regex_callable_and_errors(tm) -> None:
         grasp.inject(m, n_groups=2, rank=0)
 
 
+@torch.no_grad()  # same autograd state (so the same kernels) before and after inject
 def test_lora_kind_identity_and_routing(tm) -> None:
     m = tm.tiny_llama()
     ids = torch.randint(0, 40, (3, 4))
@@ -161,6 +186,7 @@ def test_lora_kind_identity_and_routing(tm) -> None:
     assert torch.equal(m(ids).logits, before)
 
 
+@torch.no_grad()  # same autograd state (so the same kernels) before and after inject
 def test_unet_transformer_blocks_and_ff_context() -> None:
     from diffusers import UNet2DConditionModel
 

@@ -1,6 +1,6 @@
 """Content-addressed blob store: ``<bank>/blobs/<sha256[:2]>/<sha256>``, written crash-safely.
 
-A file enters the store in two steps (DESIGN.md §5, failure-cases.md 2–3):
+A file enters the store in two steps (docs/design.md §5.1):
 
 1. *staging*: it is copied into ``<bank>/tmp/<token>/`` while its sha256 is computed, then fsynced.
    The staging folder belongs to a live writer as long as that writer holds an ``flock`` on

@@ -4,7 +4,7 @@
 (exact, in memory). An ANN backend (FAISS HNSW/IVF) or a remote one (Qdrant) implements the same five
 methods and runs the same conformance suite (``tests/bank/test_index_conformance.py``).
 
-How :class:`NumpyIndex` stays exact and fast (DESIGN.md §5, §6):
+How :class:`NumpyIndex` stays exact and fast (docs/design.md §5.1; targets in BENCHMARKS.md):
 
 | step | what | cost |
 |------|------|------|

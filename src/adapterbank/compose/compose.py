@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapterbank._io import atomic_write_bytes
+from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank.compose.strategies import STRATEGIES, WeightResult, compute_weights
-from adapterbank.errors import PrototypeSpaceError, ShapeMismatchError, UnknownNameError
+from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError, UnknownNameError
 from adapterbank.lora import LoraAdapter, combine, truncate
 from adapterbank.prototypes.space import Prototype
 
@@ -33,7 +33,50 @@ log = logging.getLogger(__name__)
 RECIPE_FILE = "composition.json"
 RECIPE_SCHEMA = 1
 
-__all__ = ["Composition", "compose", "versions", "RECIPE_FILE"]
+__all__ = ["Composition", "compose", "default_output_format", "versions", "RECIPE_FILE", "VLLM_MAX_LORA_RANKS"]
+
+#: Output format per family of source formats: the file the family's client loads.
+#: kohya and diffusers adapters are for diffusers pipelines (``pipe.load_lora_weights``), which silently
+#: ignores a PEFT folder; PEFT adapters are for ``PeftModel`` / ``AutoPeftModel*``.
+_FAMILY = {"peft": "peft", "kohya": "diffusers", "diffusers": "diffusers", "grasp_residual": "grasp_residual"}
+#: The ``max_lora_rank`` values vLLM accepts (``MaxLoRARanks`` in vllm/config/lora.py).
+VLLM_MAX_LORA_RANKS: tuple[int, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def default_output_format(source_formats: Sequence[str], format: str | None = None) -> str:  # noqa: A002
+    """The format a composite of adapters in ``source_formats`` is written in.
+
+    ``format`` ``None`` or ``"auto"``: follow the sources — kohya or diffusers inputs (Stable Diffusion
+    pipelines) give ``diffusers``, PEFT inputs ``peft``, GRASP residual inputs ``grasp_residual``; no known
+    sources give ``peft``. An explicit ``format`` is returned as is, except ``peft`` for kohya/diffusers
+    sources, which is refused: diffusers' ``load_lora_weights`` would ignore the folder without an error.
+
+    >>> default_output_format(["kohya", "diffusers"]), default_output_format(["peft"], "auto")
+    ('diffusers', 'peft')
+    >>> default_output_format(["kohya"], "kohya")
+    'kohya'
+    """
+    families = sorted({_FAMILY[f] for f in source_formats if f in _FAMILY})
+    if format is not None and format != "auto":
+        if format == "peft" and families == ["diffusers"]:
+            raise FormatError(
+                f"The composite's sources are {'/'.join(sorted(set(source_formats)))} Stable Diffusion adapters, but "
+                "format 'peft' was asked (--format peft): diffusers' pipe.load_lora_weights ignores a PEFT folder "
+                "without an error, so the composite would do nothing. Use --format diffusers (the default for these "
+                "sources) or kohya."
+            )
+        return format
+    if len(families) > 1:
+        raise FormatError(
+            f"The composite's sources are in formats {sorted(set(source_formats))}, which different clients load "
+            "(PEFT vs diffusers pipelines); pass --format (format=) to choose one."
+        )
+    return families[0] if families else "peft"
+
+
+def serving_rank(adapter: LoraAdapter) -> int:
+    """The rank a server needs to hold ``adapter``: its largest module rank (vLLM's ``max_lora_rank`` ≥ this)."""
+    return max(adapter.ranks.values(), default=0)
 
 
 def versions() -> dict[str, str]:
@@ -70,6 +113,8 @@ class Composition:
     rank: int | None = None
     truncation_error: dict[str, float] | None = None
     path: tuple[np.ndarray, np.ndarray] | None = None
+    source_formats: list[str] = field(default_factory=list)
+    max_rank: int | None = None
 
     def weight_table(self) -> list[tuple[str, float, float]]:
         """(id, distance, weight) rows in retrieval order."""
@@ -80,7 +125,7 @@ class Composition:
         trunc = None
         if self.truncation_error is not None:
             errs = list(self.truncation_error.values())
-            trunc = {"rank": self.rank, "max_rel_fro_error": max(errs, default=0.0),
+            trunc = {"rank": self.rank, "max_rank": self.max_rank, "max_rel_fro_error": max(errs, default=0.0),
                      "mean_rel_fro_error": float(np.mean(errs)) if errs else 0.0,
                      "per_module": self.truncation_error}
         out: dict[str, Any] = {
@@ -93,7 +138,7 @@ class Composition:
             "params": self.params,
             "solver": {"status": self.status, "objective": self.objective},
             "weights": {i: float(w) for i, w in zip(self.ids, self.weights, strict=True)},
-            "rank": {"per_module_max": max(self.adapter.ranks.values(), default=0)},
+            "rank": self.rank_info(),
             "truncation": trunc,
             "versions": versions(),
         }
@@ -102,27 +147,45 @@ class Composition:
             out["lambda_path"] = {"lam": lams.tolist(), "weights": W.tolist()}
         return out
 
-    def save(self, out: str | Path, *, format: str = "peft", merge_into: str | Path | None = None) -> Path:
+    def rank_info(self) -> dict[str, Any]:
+        """Ranks for serving: the largest module rank (what ``max_lora_rank`` must hold) and vLLM's setting."""
+        r = serving_rank(self.adapter)
+        return {"per_module_max": r, "needed_to_serve": r,
+                "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None)}
+
+    def save(self, out: str | Path, *, format: str | None = None, merge_into: str | Path | None = None,  # noqa: A002
+             overwrite: bool = False) -> Path:
         """Write the composite adapter (``format``: peft, kohya or diffusers) and ``composition.json`` into ``out``.
+
+        ``format`` ``None`` follows the sources (:func:`default_output_format`): a composite of kohya or
+        diffusers adapters is written for diffusers, a composite of PEFT adapters as PEFT.
 
         With ``merge_into`` (a base model folder of safetensors), also write the full merged weights to
         ``out/merged`` by streaming the base tensor by tensor.
+
+        All or nothing: everything is written into a hidden temp folder beside ``out`` and renamed into place
+        at the end, so ``out`` never holds a composite without its ``composition.json``. An existing
+        non-empty ``out`` raises :class:`~adapterbank.errors.OutputExistsError` unless ``overwrite=True``
+        (the old content then stays until the new one is complete). A failed write raises
+        :class:`~adapterbank.errors.OutputWriteError` naming ``out``.
         """
         from adapterbank.formats import write_adapter
 
+        format = default_output_format(self.source_formats, format)
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         extra = {"adapterbank_composition": json.dumps({"ids": self.ids, "weights": self.weights.tolist(),
                                                          "strategy": self.strategy})}
-        write_adapter(self.adapter, out, format=format, base_model=self.adapter.base_model, extra_metadata=extra)
         recipe = self.recipe()
         recipe["output"] = {"format": format}
-        if merge_into is not None:
-            from adapterbank.merge import merge_into_files
+        with atomic_dir(out, overwrite=overwrite, what="the composite") as tmp:
+            write_adapter(self.adapter, tmp, format=format, base_model=self.adapter.base_model, extra_metadata=extra)
+            if merge_into is not None:
+                from adapterbank.merge import merge_into_files
 
-            report = merge_into_files(merge_into, self.adapter, out / "merged")
-            recipe["output"]["merged"] = {"base": str(merge_into), "report": _jsonable(report)}
-        atomic_write_bytes(out / RECIPE_FILE, json.dumps(recipe, indent=2).encode())
+                report = merge_into_files(merge_into, self.adapter, tmp / "merged")
+                report["out_dir"] = str(out / "merged")
+                recipe["output"]["merged"] = {"base": str(merge_into), "report": _jsonable(report)}
+            atomic_write_bytes(tmp / RECIPE_FILE, json.dumps(recipe, indent=2).encode())
         return out
 
 
@@ -142,6 +205,7 @@ def compose(
     exclude: Sequence[str] = (),
     ids: Sequence[str] | None = None,
     rank: int | None = None,
+    max_rank: int | None = None,
     lambda_path: bool = False,
 ) -> Composition:
     """Compose one adapter for ``target`` from the bank (Eq. 2–6).
@@ -150,7 +214,9 @@ def compose(
     ``base_model``/``tags``, minus ``exclude`` — or exactly the adapters in ``ids``. Weights: the strategy
     (``avg``, ``sim``, ``lin``, ``sparse``, ``nearest``) with ``params`` (e.g. ``{"lam_rel": 0.1}``); the
     effective parameters are in the result. Merge: exact concatenation, then optional exact truncation
-    to ``rank``. Retrieved adapters must share one base model.
+    to ``rank``. ``max_rank`` caps the rank to fit a server's ``max_lora_rank``: only modules above it
+    are truncated (exactly, :func:`~adapterbank.lora.truncate`), and only their errors are reported.
+    Retrieved adapters must share one base model.
 
     Example (a bank with prototypes in the space of ``target``)::
 
@@ -163,6 +229,11 @@ def compose(
         raise TypeError(f"compose() needs a Prototype as target. Got {type(target).__name__} instead.")
     if not isinstance(k, int) or k <= 0:
         raise ShapeMismatchError(f"The 'k' parameter of compose must be a positive int. Got {k!r} instead.")
+    if max_rank is not None and (not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank <= 0):
+        raise ParameterError(f"The 'max_rank' parameter of compose (--max-rank) must be a positive int. "
+                             f"Got {max_rank!r} instead.")
+    if max_rank is not None and rank is not None:
+        raise ParameterError("Give either 'rank' (--rank) or 'max_rank' (--max-rank), not both: both cap the rank.")
     excl = list(exclude)
     if ids is not None:
         ids = list(dict.fromkeys(ids))
@@ -194,7 +265,12 @@ def compose(
     errs = None
     if rank is not None:
         merged, errs = truncate(merged, rank)
-    merged.metadata = {"format": "composite"}
+    if max_rank is not None:
+        above = [name for name, r in merged.ranks.items() if r > max_rank]
+        merged, all_errs = truncate(merged, max_rank)
+        errs = {name: all_errs[name] for name in above}
+        log.info("max_rank %d: truncated %d modules above it", max_rank, len(above))
+    merged.metadata["format"] = "composite"
     return Composition(
         adapter=merged, ids=hit_ids, distances=dists, weights=np.asarray(res.weights, dtype=np.float64),
         strategy=strategy, params=dict(res.params), status=res.status, objective=res.objective,
@@ -203,5 +279,6 @@ def compose(
         k=k if ids is None else len(hit_ids),
         filters={"base_model": base_model, "tags": list(tags) if tags else None, "exclude": excl,
                  "ids": list(ids) if ids is not None else None},
-        rank=rank, truncation_error=errs, path=path,
+        rank=rank if max_rank is None else max_rank, truncation_error=errs, path=path,
+        source_formats=[str(a.metadata.get("format")) for a in adapters], max_rank=max_rank,
     )

@@ -1,6 +1,6 @@
 """Exact solvers for the combination weights of Eq. 4 (Lin) and Eq. 5 (sparse projection, "ours").
 
-Notation (seed paper, DESIGN.md §1):
+Notation (seed paper, docs/design.md §1–2):
 
 =============  ==========  ====================================================================
 code           symbol      meaning

@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation of composition strategies and its reports (DESIGN.md §3; seed paper Tables 1–6).
+"""Leave-one-out evaluation of composition strategies and its reports (docs/design.md §6; seed paper Tables 1–6).
 
 Example::
 
@@ -9,9 +9,19 @@ Example::
 
 from __future__ import annotations
 
-from adapterbank.evaluate.harness import ALL_STRATEGIES, Evaluator, check_metrics, evaluate, evaluator_id, load_evaluator
+from adapterbank.evaluate.bootstrap import Interval, paired_bootstrap
+from adapterbank.evaluate.harness import (
+    ALL_STRATEGIES,
+    Evaluator,
+    check_metrics,
+    check_output,
+    evaluate,
+    evaluator_id,
+    load_evaluator,
+)
 from adapterbank.evaluate.report import load_results, write_report
-from adapterbank.evaluate.results import RESULTS_SCHEMA, EvalRecord, EvalResults, LambdaPath, PrototypeMap
+from adapterbank.evaluate.results import RESULTS_SCHEMA, Comparison, EvalRecord, EvalResults, LambdaPath, PrototypeMap
 
-__all__ = ["evaluate", "write_report", "load_results", "load_evaluator", "check_metrics", "evaluator_id",
-           "EvalResults", "EvalRecord", "LambdaPath", "PrototypeMap", "Evaluator", "ALL_STRATEGIES", "RESULTS_SCHEMA"]
+__all__ = ["evaluate", "write_report", "load_results", "load_evaluator", "check_metrics", "check_output",
+           "evaluator_id", "EvalResults", "EvalRecord", "LambdaPath", "PrototypeMap", "Evaluator", "ALL_STRATEGIES",
+           "RESULTS_SCHEMA", "Comparison", "Interval", "paired_bootstrap"]

@@ -1,4 +1,4 @@
-"""Leave-one-out evaluation (DESIGN.md §3; seed paper, Tables 1–6).
+"""Leave-one-out evaluation (docs/design.md §6; seed paper, Tables 1–6).
 
 Each adapter of the bank that has a prototype is, in turn, the *target*: its prototype is the target
 prototype p_T, its own adapter is removed from the pool (``exclude=[target]``; or left in with
@@ -7,7 +7,9 @@ strategy (Eq. 3–5, avg, nearest) and merged exactly (Eq. 6), and the user's ev
 on the target's task. Pre-trained (``adapter=None``) and SFT (the target's own adapter) are scored too.
 
 The evaluator is any callable ``(adapter: LoraAdapter | None, task) -> {metric: float}``; ``task`` is
-``tasks[target]`` when a mapping is given, else the target's bank card. Results are cached per
+``tasks[target]`` when a mapping is given, else the target's bank card. It may add the reserved key
+``"per_item": {metric: [one score per test item]}`` (see :func:`check_output`): the reports then give
+paired bootstrap intervals over items instead of over targets. Results are cached per
 (target, method, k, params, evaluator, digests of the prototypes and adapters involved) as JSON files,
 so a rerun only calls the evaluator for what changed.
 """
@@ -47,12 +49,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "load_evaluator", "check_metrics", "evaluator_id", "pca_2d", "Evaluator", "ALL_STRATEGIES"]
+__all__ = ["evaluate", "load_evaluator", "check_metrics", "check_output", "PER_ITEM", "evaluator_id", "pca_2d",
+           "Evaluator", "ALL_STRATEGIES"]
 
-Evaluator = Callable[[LoraAdapter | None, Any], Mapping[str, float]]
+Evaluator = Callable[[LoraAdapter | None, Any], Mapping[str, Any]]
+"""``(adapter | None, task) -> {metric: float}``, optionally with ``"per_item": {metric: [floats]}``."""
 
 ALL_STRATEGIES = ("avg", "sim", "lin", "sparse", "nearest")
 CACHE_SCHEMA = 1
+PER_ITEM = "per_item"
+"""The reserved key of an evaluator's output that holds per-item scores: ``{metric: [floats]}``."""
 
 # The error an evaluator's own failure is reported as.
 _EvaluationError = _errors.EvaluationError
@@ -128,7 +134,8 @@ def evaluator_id(evaluator: Callable[..., Any]) -> str:
 def check_metrics(out: Any, where: str) -> dict[str, float]:
     """Check an evaluator's output is a non-empty ``{str: finite real}`` and return it as floats.
 
-    ``where`` names the call (target and method) in the error message.
+    ``where`` names the call (target and method) in the error message. A ``"per_item"`` entry is checked
+    (:func:`check_output`) and left out.
 
     >>> check_metrics({"acc": np.float32(0.5), "n": 3}, "target 'a', method 'avg'")
     {'acc': 0.5, 'n': 3.0}
@@ -137,19 +144,73 @@ def check_metrics(out: Any, where: str) -> dict[str, float]:
     ...
     adapterbank.errors.NonFiniteError: The evaluator returned a non-finite value for metric 'acc' (target 'a', method 'avg'): nan.
     """
+    return check_output(out, where)[0]
+
+
+def _real(val: Any) -> Any:
+    """A 1-element numpy array/scalar or torch tensor as a Python number; anything else unchanged."""
+    if isinstance(val, np.generic) or (isinstance(val, np.ndarray) and val.size == 1):
+        return val.item()
+    if hasattr(val, "numel") and hasattr(val, "item") and val.numel() == 1:  # a 1-element torch tensor
+        return val.item()
+    return val
+
+
+def _per_item(name: str, val: Any, metric: float, where: str) -> list[float]:
+    """One metric's per-item scores as floats: a non-empty 1-D sequence of finite reals whose mean is the metric."""
+    if hasattr(val, "detach") and hasattr(val, "cpu"):  # a torch tensor
+        val = val.detach().cpu().numpy()
+    if isinstance(val, (str, bytes, Mapping)) or not isinstance(val, (Sequence, np.ndarray)):
+        raise FormatError(f"The evaluator returned {type(val).__name__} for {PER_ITEM}[{name!r}] ({where}); it must be "
+                          "a list (or 1-D array) of per-item scores.")
+    try:
+        arr = np.asarray(val, dtype=np.float64)  # (n,) bools count as 0/1
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"The evaluator returned a non-numeric entry in {PER_ITEM}[{name!r}] ({where}): {e}.") from e
+    if arr.ndim != 1 or arr.size == 0:
+        raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] of shape {arr.shape} ({where}); it must be "
+                          "a non-empty 1-D list with one score per test item.")
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise NonFiniteError(f"The evaluator returned a non-finite score for item {bad} in {PER_ITEM}[{name!r}] "
+                             f"({where}): {arr[bad]}.")
+    mean = float(arr.mean())
+    if not math.isclose(mean, metric, rel_tol=1e-5, abs_tol=1e-6):
+        raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] with mean {mean!r} but {name!r} = {metric!r} "
+                          f"({where}). Per-item scores must average to the metric; for a metric that is not a mean "
+                          f"(F1, AUC, ...) leave it out of {PER_ITEM!r}, and its intervals are taken over targets.")
+    return [float(x) for x in arr]
+
+
+def check_output(out: Any, where: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Check an evaluator's output and split it into ``({metric: float}, {metric: [per-item floats]})``.
+
+    The output is ``{metric: finite real, ...}``, optionally with the reserved key ``"per_item"`` mapping some
+    of those metrics to their per-item scores: one finite real (or bool) per test item, in the task's order
+    (the same items, in the same order, for every adapter), whose mean is the metric. The reports bootstrap
+    over these items, paired across methods.
+
+    >>> check_output({"acc": 0.5, "per_item": {"acc": [True, False]}}, "target 'a', method 'avg'")
+    ({'acc': 0.5}, {'acc': [1.0, 0.0]})
+    >>> check_output({"acc": 0.5, "per_item": {"f1": [1.0]}}, "target 'a'")
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.FormatError: The evaluator returned per_item['f1'] (target 'a'), but no metric 'f1'. Metrics: acc.
+    """
     if not isinstance(out, Mapping):
         raise FormatError(f"The evaluator must return a dict {{metric: float}} ({where}). "
                           f"Got {type(out).__name__} instead: {out!r:.200}.")
-    if not out:
-        raise FormatError(f"The evaluator returned an empty dict ({where}); it must return at least one metric.")
+    per_item_in = out.get(PER_ITEM)
+    if per_item_in is not None and not isinstance(per_item_in, Mapping):
+        raise FormatError(f"The evaluator returned {type(per_item_in).__name__} under {PER_ITEM!r} ({where}); "
+                          f"that key is reserved for per-item scores {{metric: [floats]}}. Rename a metric called {PER_ITEM!r}.")
     res: dict[str, float] = {}
     for name, val in out.items():
+        if name == PER_ITEM:
+            continue
         if not isinstance(name, str) or not name:
             raise FormatError(f"The evaluator returned a metric name {name!r} ({where}); names must be non-empty strings.")
-        if isinstance(val, np.generic) or (isinstance(val, np.ndarray) and val.size == 1):
-            val = val.item()
-        elif hasattr(val, "numel") and hasattr(val, "item") and val.numel() == 1:  # a 1-element torch tensor
-            val = val.item()
+        val = _real(val)
         if isinstance(val, bool) or not isinstance(val, numbers.Real):
             raise FormatError(f"The evaluator returned {type(val).__name__} {val!r:.100} for metric {name!r} ({where}); "
                               "each metric must be a finite real number.")
@@ -157,7 +218,15 @@ def check_metrics(out: Any, where: str) -> dict[str, float]:
         if not math.isfinite(f):
             raise NonFiniteError(f"The evaluator returned a non-finite value for metric {name!r} ({where}): {f}.")
         res[name] = f
-    return res
+    if not res:
+        raise FormatError(f"The evaluator returned an empty dict ({where}); it must return at least one metric.")
+    items: dict[str, list[float]] = {}
+    for name, val in (per_item_in or {}).items():
+        if name not in res:
+            raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] ({where}), but no metric {name!r}. "
+                              f"Metrics: {', '.join(res)}.")
+        items[name] = _per_item(name, val, res[name], where)
+    return res, items
 
 
 # ----- digests ---------------------------------------------------------------------------------
@@ -298,7 +367,7 @@ class _Runner:
         self.digests: dict[str, str] = {}
         self.protos: dict[str, Prototype] = {}
         self.memo: dict[str, EvalRecord] = {}
-        self.composite_scores: dict[tuple[Any, ...], dict[str, float]] = {}  # same composite, same score
+        self.composite_scores: dict[tuple[Any, ...], tuple[dict[str, float], dict[str, list[float]]]] = {}
         self.target_protos: dict[str, Prototype] = {}
         self.n_calls = 0
         self.n_cached = 0
@@ -361,7 +430,9 @@ class _Runner:
             atomic_write_bytes(f, json.dumps(doc, indent=1, default=str).encode())
 
     # -- scoring
-    def score(self, adapter: LoraAdapter | None, task: Any, target: str, method: str) -> tuple[dict[str, float], float]:
+    def score(self, adapter: LoraAdapter | None, task: Any, target: str, method: str
+              ) -> tuple[dict[str, float], dict[str, list[float]], float]:
+        """The evaluator's metrics, per-item scores and wall time for one call."""
         where = f"target {target!r}, method {method!r}"
         t0 = time.perf_counter()
         try:
@@ -370,7 +441,7 @@ class _Runner:
             raise _EvaluationError(f"The evaluator {self.ev_id} raised {type(e).__name__} on {where}: {e}") from e
         dt = time.perf_counter() - t0
         self.n_calls += 1
-        return check_metrics(out, where), dt
+        return (*check_output(out, where), dt)
 
     def baseline(self, target: str, method: str, task: Any) -> EvalRecord:
         card = self.cards[target]
@@ -383,10 +454,10 @@ class _Runner:
         if hit is not None:
             return _copy(hit, sweep=None)
         adapter = self.bank.load_adapter(target) if method == "sft" else None
-        metrics, dt = self.score(adapter, task, target, method)
+        metrics, items, dt = self.score(adapter, task, target, method)
         rec = EvalRecord(target, method, None, {}, {}, [target] if method == "sft" else [],
                          [0.0] if method == "sft" else [], [1.0] if method == "sft" else [], "baseline", metrics,
-                         include_self=self.include_self, seconds=dt)
+                         include_self=self.include_self, seconds=dt, per_item=items)
         self.store(key, parts, rec)
         return rec
 
@@ -414,13 +485,15 @@ class _Runner:
         # at k=1; Sparse and Lin when λ_max = 0) are scored once per run.
         same = (target, tuple((i, self.digest(i), float(w)) for i, w in zip(comp.ids, comp.weights) if w != 0.0))
         if same in self.composite_scores:
-            metrics, dt = dict(self.composite_scores[same]), 0.0
+            metrics, items = (dict(x) for x in self.composite_scores[same])
+            dt = 0.0
         else:
-            metrics, dt = self.score(comp.adapter, task, target, method)
-            self.composite_scores[same] = dict(metrics)
+            metrics, items, dt = self.score(comp.adapter, task, target, method)
+            self.composite_scores[same] = (dict(metrics), dict(items))
         rec = EvalRecord(target, method, k, dict(params), {a: float(b) for a, b in comp.params.items()},
                          list(comp.ids), [float(d) for d in comp.distances], [float(w) for w in comp.weights],
-                         str(comp.status), metrics, sweep=sweep, include_self=self.include_self, seconds=dt)
+                         str(comp.status), metrics, sweep=sweep, include_self=self.include_self, seconds=dt,
+                         per_item=items)
         self.store(key, parts, _copy(rec, sweep=None))
         return rec
 
@@ -480,7 +553,9 @@ def evaluate(
 
     Args:
         bank: an open :class:`~adapterbank.bank.Bank`.
-        evaluator: ``(adapter | None, task) -> {metric: float}``, or a ``"module:function"`` spec.
+        evaluator: ``(adapter | None, task) -> {metric: float}``, or a ``"module:function"`` spec. It may add
+            ``"per_item": {metric: [one score per test item]}`` (mean = the metric; see :func:`check_output`), so
+            the reports' paired intervals resample items instead of targets.
         strategies: strategy names, or ``"all"``.
         k: adapters retrieved per target for the main table.
         params: per-strategy parameters, e.g. ``{"sparse": {"lam_rel": 0.1}, "sim": {"tau_rel": 1.0}}``.

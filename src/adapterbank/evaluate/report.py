@@ -3,6 +3,11 @@
 ``results.md`` follows the seed paper: a Table-1 style score table per metric (rows: targets; columns:
 Pre-trained, SFT, Nearest, Avg, Sim, Lin, Sparse; the best zero-shot value of each row in bold) and a
 Table-2 style weight table per target (rows: strategies; columns: retrieved adapters).
+
+Under each score table's Mean row, two rows give paired bootstrap intervals
+(:meth:`~adapterbank.evaluate.results.EvalResults.comparisons`): each method minus Pre-trained, and each
+method minus the best other zero-shot strategy, over the evaluator's per-item scores when it returned
+them, else over targets. ``results.json`` holds them under ``"intervals"``.
 """
 
 from __future__ import annotations
@@ -16,9 +21,18 @@ from typing import Any
 
 from adapterbank._io import atomic_write_bytes
 from adapterbank.errors import FormatError
-from adapterbank.evaluate.results import BASELINES, EvalResults, best_methods, display_name, order_methods
+from adapterbank.evaluate.results import (
+    BASELINES,
+    CI,
+    N_BOOT,
+    Comparison,
+    EvalResults,
+    best_methods,
+    display_name,
+    order_methods,
+)
 
-__all__ = ["write_report", "load_results", "score_rows", "weight_rows", "fmt"]
+__all__ = ["write_report", "load_results", "score_rows", "weight_rows", "fmt", "interval_text", "interval_note"]
 
 PLOTS_DIR = "plots"
 
@@ -36,19 +50,30 @@ def fmt(v: float | None) -> str:
     return f"{v:.3e}"
 
 
-def score_rows(results: EvalResults, metric: str, lower_is_better: bool = False
-               ) -> tuple[list[str], list[tuple[str, list[tuple[str, bool]]]]]:
-    """The Table-1 cells of one metric: (column methods, [(row label, [(text, bold)])]); last row = mean.
+def interval_text(c: Comparison, with_reference: bool = False) -> str:
+    """A table cell for a comparison: ``Δ [lo, hi]``, then ▲ (better) / ▼ (worse) when the interval excludes 0.
 
-    Bold marks the best *zero-shot* value of a row (a composition strategy; not Pre-trained or SFT).
+    The three numbers share one format, chosen by the largest (as :func:`fmt`; ``-0.0`` shows as ``+0.0000``).
 
-    >>> from adapterbank.evaluate.results import EvalRecord
-    >>> recs = [EvalRecord("a", m, 2, {}, {}, [], [], [], "", {"acc": v})
-    ...         for m, v in (("sft", 0.9), ("avg", 0.5), ("sparse", 0.7))]
-    >>> cols, rows = score_rows(EvalResults(recs, ["a"]), "acc")
-    >>> cols, rows[0]
-    (['sft', 'avg', 'sparse'], ('a', [('0.9000', False), ('0.5000', False), ('0.7000', True)]))
+    >>> interval_text(Comparison("sparse", "avg", 0.02, 0.0004, 0.03, "item", 40, 2, True), with_reference=True)
+    '+0.0200 [+0.0004, +0.0300] ▲ vs Avg'
     """
+    vals = [c.diff + 0.0, c.lo + 0.0, c.hi + 0.0]
+    top = max(abs(v) for v in vals)
+    spec = "+.4f" if top == 0 or 1e-3 <= top < 1e4 else "+.3e"
+    d, lo, hi = (format(v, spec) for v in vals)
+    mark = "" if c.better is None else (" ▲" if c.better else " ▼")
+    ref = f" vs {display_name(c.reference)}" if with_reference else ""
+    return f"{d} [{lo}, {hi}]{mark}{ref}"
+
+
+def _ci_label(kind: str, ci: float) -> str:
+    return f"Δ vs {'Pre-trained' if kind == 'vs_pretrained' else 'best other'} [{ci:.0%} CI]"
+
+
+def _score_rows(results: EvalResults, metric: str, lower_is_better: bool,
+                comps: Mapping[str, Mapping[str, Comparison]] | None, ci: float
+                ) -> tuple[list[str], list[tuple[str, list[tuple[str, bool]]]]]:
     table = results.table(metric)
     cols = [m for m in results.methods if any(m in row for row in table.values())]
     zero_shot = [m for m in cols if m not in BASELINES]
@@ -58,14 +83,66 @@ def score_rows(results: EvalResults, metric: str, lower_is_better: bool = False
         best = best_methods(row, zero_shot, lower_is_better)
         rows.append((t, [(fmt(row.get(m)), m in best) for m in cols]))
     if len(results.targets) > 1:
-        means: dict[str, float] = {}
-        for m in cols:
-            vals = [table[t][m] for t in results.targets if m in table.get(t, {})]
-            if len(vals) == len(results.targets):
-                means[m] = sum(vals) / len(vals)
+        means = results.means(metric)
         best = best_methods(means, zero_shot, lower_is_better)
         rows.append(("Mean", [(fmt(means.get(m)), m in best) for m in cols]))
+    for kind in ("vs_pretrained", "vs_best_other"):
+        if comps and any(kind in c for c in comps.values()):
+            cells = [(interval_text(comps[m][kind], kind == "vs_best_other") if kind in comps.get(m, {}) else "–",
+                      False) for m in cols]
+            rows.append((_ci_label(kind, ci), cells))
     return cols, rows
+
+
+def score_rows(results: EvalResults, metric: str, lower_is_better: bool = False, *, intervals: bool = True,
+               n_boot: int = N_BOOT, seed: int = 0, ci: float = CI
+               ) -> tuple[list[str], list[tuple[str, list[tuple[str, bool]]]]]:
+    """The Table-1 cells of one metric: (column methods, [(row label, [(text, bold)])]).
+
+    Rows: one per target, then Mean (with more than one target), then — with ``intervals`` and where they can
+    be formed — ``Δ vs Pre-trained [95% CI]`` and ``Δ vs best other [95% CI]``: each column minus the
+    reference, with its paired bootstrap interval (:meth:`EvalResults.comparisons`; cells from
+    :func:`interval_text`). Bold marks the best *zero-shot* value of a row (a composition strategy; not
+    Pre-trained or SFT).
+
+    >>> from adapterbank.evaluate.results import EvalRecord
+    >>> recs = [EvalRecord("a", m, 2, {}, {}, [], [], [], "", {"acc": v})
+    ...         for m, v in (("sft", 0.9), ("avg", 0.5), ("sparse", 0.7))]
+    >>> cols, rows = score_rows(EvalResults(recs, ["a"]), "acc")
+    >>> cols, rows
+    (['sft', 'avg', 'sparse'], [('a', [('0.9000', False), ('0.5000', False), ('0.7000', True)])])
+    """
+    comps = results.comparisons(metric, lower_is_better, n_boot=n_boot, seed=seed, ci=ci) if intervals else None
+    return _score_rows(results, metric, lower_is_better, comps, ci)
+
+
+def interval_note(comps: Mapping[str, Mapping[str, Comparison]], *, n_boot: int = N_BOOT, seed: int = 0,
+                  ci: float = CI, lower_is_better: bool = False) -> str:
+    """One paragraph saying how the Δ rows of a score table were computed (units, B, seed); '' without rows.
+
+    >>> c = Comparison("avg", "pretrained", 0.1, 0.0, 0.2, "target", 6, 6, None)
+    >>> interval_note({"avg": {"vs_pretrained": c}})[:60]
+    'Δ rows: mean over targets of (column − reference), with its '
+    """
+    cs = [c for per in comps.values() for c in per.values()]
+    if not cs:
+        return ""
+    units = {c.unit for c in cs}
+    n_items = max((c.n_units for c in cs if c.unit == "item"), default=0)
+    n_t = max(c.n_targets for c in cs)
+    if units == {"item"}:
+        how = (f"the evaluator's per-item scores, resampled within each target ({n_items} items in {n_t} "
+               f"target{'s' if n_t > 1 else ''})")
+    elif units == {"target"}:
+        how = f"the {n_t} targets' scores"
+    else:
+        how = (f"the evaluator's per-item scores, resampled within each target, where both methods have them "
+               f"(up to {n_items} items), else the {n_t} targets' scores")
+    direction = "lower" if lower_is_better else "higher"
+    return (f"Δ rows: mean over targets of (column − reference), with its paired bootstrap {ci:.0%} interval "
+            f"(percentile, B={n_boot}, seed {seed}) over {how}. ▲/▼: the interval excludes 0 and the column is "
+            f"better/worse ({direction} is better). Best other: the other zero-shot strategy with the best Mean "
+            f"(Pre-trained and SFT excluded); for SFT, the best zero-shot strategy.")
 
 
 def weight_rows(results: EvalResults, target: str) -> tuple[list[tuple[str, float]], list[tuple[str, list[str], str]]]:
@@ -115,7 +192,8 @@ def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]], align_right_
     return out
 
 
-def _markdown(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], root: Path) -> str:
+def _markdown(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], root: Path,
+              iv: Mapping[str, Any]) -> str:
     cfg = results.config
     self_note = (" The target's own adapter is **left in the pool** (ablation, seed paper Table 6)."
                  if cfg.get("include_self") else " The target's own adapter is excluded from the pool.")
@@ -135,11 +213,15 @@ def _markdown(results: EvalResults, low: set[str], plots: Mapping[str, list[Path
     ]
     for metric in results.metrics:
         arrow = "lower is better" if metric in low else "higher is better"
-        cols, rows = score_rows(results, metric, metric in low)
+        comps = iv["comparisons"][metric]
+        cols, rows = _score_rows(results, metric, metric in low, comps, iv["ci"])
         lines += [f"## {metric} ({arrow})", ""]
         lines += _md_table(["target"] + [display_name(c) for c in cols],
                            [[t] + [f"**{s}**" if b else s for s, b in cells] for t, cells in rows])
         lines.append("")
+        note = interval_note(comps, n_boot=iv["n_boot"], seed=iv["seed"], ci=iv["ci"], lower_is_better=metric in low)
+        if note:
+            lines += [note, ""]
         for sweep in results.sweeps:
             xs, srows = _sweep_rows(results, metric, sweep)
             if not srows:
@@ -173,7 +255,8 @@ h1{font-size:1.6em}h2{font-size:1.25em;border-bottom:1px solid #ddd;padding-bott
 h3{font-size:1.05em}table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
 th,td{padding:.25em .7em;border-bottom:1px solid #e4e4e4;text-align:right;font-variant-numeric:tabular-nums}
 th:first-child,td:first-child{text-align:left}thead th{border-bottom:2px solid #888}
-tr.mean td{border-top:2px solid #888}td.best{font-weight:700}
+tr.mean td{border-top:2px solid #888}td.best{font-weight:700}tr.ci td{font-size:.85em;white-space:nowrap}
+p.note{font-size:.85em;color:#444}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
 .meta{font-size:.85em;color:#444}
@@ -189,6 +272,7 @@ def _html_table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[tuple[
     out = ["<table>", "<thead><tr>" + "".join(f"<th>{_h(c)}</th>" for c in header) + "</tr></thead>", "<tbody>"]
     for label, cells in rows:
         cls = ' class="mean"' if mean_label is not None and label == mean_label else ""
+        cls = ' class="ci"' if mean_label is not None and label.startswith("Δ vs ") else cls
         tds = "".join(f'<td class="best">{_h(s)}</td>' if b else f"<td>{_h(s)}</td>" for s, b in cells)
         out.append(f"<tr{cls}><td>{_h(label)}</td>{tds}</tr>")
     out += ["</tbody>", "</table>"]
@@ -200,7 +284,8 @@ def _fig(p: Path, root: Path, caption: str) -> str:
             f"<figcaption>{_h(caption)}</figcaption></figure>")
 
 
-def _html(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], root: Path, title: str) -> str:
+def _html(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], root: Path, title: str,
+          iv: Mapping[str, Any]) -> str:
     cfg, meta = results.config, results.meta
     self_note = ("The target's own adapter is <b>left in the pool</b> (ablation, seed paper Table 6)."
                  if cfg.get("include_self") else "The target's own adapter is excluded from the pool.")
@@ -221,9 +306,13 @@ def _html(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], 
     by_name = {p.name: p for sec in plots.values() for p in sec}
     for metric in results.metrics:
         arrow = "lower is better" if metric in low else "higher is better"
-        cols, rows = score_rows(results, metric, metric in low)
+        comps = iv["comparisons"][metric]
+        cols, rows = _score_rows(results, metric, metric in low, comps, iv["ci"])
         body.append(f"<h2>{_h(metric)} ({arrow})</h2>")
         body.append(_html_table(["target"] + [display_name(c) for c in cols], rows, "Mean"))
+        note = interval_note(comps, n_boot=iv["n_boot"], seed=iv["seed"], ci=iv["ci"], lower_is_better=metric in low)
+        if note:
+            body.append(f'<p class="note">{_h(note)}</p>')
         for p in plots.get("scores", []):
             if p.stem == f"scores_{_safe_name(metric)}":
                 body.append(_fig(p, root, f"{metric} per target and method"))
@@ -263,10 +352,18 @@ def _safe_name(name: str) -> str:
 # ----- entry points ----------------------------------------------------------------------------
 
 def write_report(results: EvalResults, out_dir: str | Path, *, lower_is_better: Sequence[str] = (),
-                 plots: bool = True, title: str = "adapterbank — leave-one-out evaluation") -> Path:
+                 plots: bool = True, title: str = "adapterbank — leave-one-out evaluation",
+                 n_boot: int = N_BOOT, seed: int = 0, ci: float = CI) -> Path:
     """Write ``results.json``, ``results.md``, ``plots/*.png`` and ``index.html`` into ``out_dir``; return it.
 
-    ``lower_is_better`` names metrics where smaller wins (losses, distances), for the bold marks and axes.
+    ``lower_is_better`` names metrics where smaller wins (losses, distances), for the bold marks, axes and the
+    choice of the best other strategy. ``n_boot``, ``seed`` and ``ci`` set the paired bootstrap intervals
+    (:meth:`EvalResults.comparisons`), written to ``results.json`` as ``"intervals"``::
+
+        {"n_boot": 2000, "seed": 0, "ci": 0.95, "method": ..., "statistic": ...,
+         "metrics": {metric: {method: {"vs_pretrained": {"method", "reference", "diff", "lo", "hi", "unit",
+                                                         "n_units", "n_targets", "better"},
+                                       "vs_best_other": {...}}}}}
 
     >>> import tempfile
     >>> from adapterbank.evaluate.results import EvalRecord
@@ -283,16 +380,25 @@ def write_report(results: EvalResults, out_dir: str | Path, *, lower_is_better: 
     if unknown:
         raise FormatError(f"The 'lower_is_better' parameter of write_report names unknown metrics {sorted(unknown)}. "
                           f"Metrics: {', '.join(results.metrics)}.")
+    comps = {m: results.comparisons(m, m in low, n_boot=n_boot, seed=seed, ci=ci) for m in results.metrics}
+    iv: dict[str, Any] = {"n_boot": n_boot, "seed": seed, "ci": ci, "comparisons": comps}
     doc = results.to_dict()
     doc["report"] = {"lower_is_better": sorted(low)}
+    doc["intervals"] = {
+        "method": "paired bootstrap, percentile interval (adapterbank.evaluate.bootstrap)",
+        "statistic": "mean over targets of the per-target mean difference (method − reference)",
+        "n_boot": n_boot, "seed": seed, "ci": ci,
+        "metrics": {m: {meth: {k: c.to_dict() for k, c in per.items()} for meth, per in cm.items()}
+                    for m, cm in comps.items()},
+    }
     atomic_write_bytes(out / "results.json", json.dumps(doc, indent=1).encode())
     figs: dict[str, list[Path]] = {}
     if plots:
         from adapterbank.evaluate.plots import write_plots
 
         figs = write_plots(results, out / PLOTS_DIR, sorted(low))
-    atomic_write_bytes(out / "results.md", _markdown(results, low, figs, out).encode())
-    atomic_write_bytes(out / "index.html", _html(results, low, figs, out, title).encode())
+    atomic_write_bytes(out / "results.md", _markdown(results, low, figs, out, iv).encode())
+    atomic_write_bytes(out / "index.html", _html(results, low, figs, out, title, iv).encode())
     return out
 
 

@@ -2,17 +2,21 @@
 
 Everything here is plain data with a JSON round trip (``results.json``, schema 1), so a report can be
 rebuilt from the file alone and every number travels with its inputs: target, method, k, parameters,
-retrieved ids, distances and weights.
+retrieved ids, distances and weights — and, when the evaluator returned them, the per-item scores that
+:meth:`EvalResults.comparisons` bootstraps (keys added to schema 1 are optional: older files still load).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from adapterbank.errors import FormatError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -26,9 +30,17 @@ __all__ = [
     "display_name",
     "order_methods",
     "best_methods",
+    "Comparison",
+    "N_BOOT",
+    "CI",
 ]
 
 RESULTS_SCHEMA = 1
+
+N_BOOT = 2000
+"""Bootstrap replicates of the paired intervals in the reports."""
+CI = 0.95
+"""Coverage of the paired intervals in the reports."""
 
 BASELINES = ("pretrained", "sft")
 """Methods that are not compositions: the base model alone, and the target's own (supervised) adapter."""
@@ -76,6 +88,8 @@ class EvalRecord:
         include_self: whether the target's own adapter was left in the pool (seed paper, Table 6).
         cached: whether the metrics came from the cache rather than a fresh evaluator call.
         seconds: wall time of the evaluator call that produced the metrics.
+        per_item: ``{metric: [score of item 0, item 1, ...]}`` when the evaluator returned per-item scores
+            (their mean is the metric; items in the task's order, the same for every method).
     """
 
     target: str
@@ -92,6 +106,7 @@ class EvalRecord:
     include_self: bool = False
     cached: bool = False
     seconds: float = 0.0
+    per_item: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def is_baseline(self) -> bool:
@@ -122,6 +137,7 @@ class EvalRecord:
                 metrics={str(a): float(b) for a, b in dict(d["metrics"]).items()},
                 sweep=d.get("sweep"), include_self=bool(d.get("include_self", False)),
                 cached=bool(d.get("cached", False)), seconds=float(d.get("seconds", 0.0)),
+                per_item={str(a): [float(x) for x in b] for a, b in dict(d.get("per_item") or {}).items()},
             )
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"{where}: an evaluation record is missing a key or has a bad value ({e!r}): {d!r}") from e
@@ -163,6 +179,43 @@ class PrototypeMap:
     def from_dict(cls, d: Mapping[str, Any]) -> PrototypeMap:
         return cls([str(x) for x in d["ids"]], [[float(x) for x in c] for c in d["coords"]],
                    [float(x) for x in d["explained"]], str(d.get("space", "")))
+
+
+@dataclass
+class Comparison:
+    """One method against a reference on one metric: Δ = mean(method) − mean(reference) and its paired interval.
+
+    Δ is the mean over targets of the per-target difference (the difference of the score table's Mean row);
+    the interval is the paired bootstrap percentile interval (:mod:`adapterbank.evaluate.bootstrap`).
+
+    Attributes:
+        method, reference: what is compared (Δ in the metric's own units; positive: method scored higher).
+        diff, lo, hi: Δ and its interval.
+        unit: ``"item"`` — the evaluator's per-item scores, resampled within each target — or ``"target"``.
+        n_units: items (all targets together) or targets resampled.
+        n_targets: targets both methods were scored on.
+        better: ``True``/``False`` when the interval excludes 0 and the method is better/worse (respecting
+            lower-is-better); ``None`` when it holds 0.
+    """
+
+    method: str
+    reference: str
+    diff: float
+    lo: float
+    hi: float
+    unit: str
+    n_units: int
+    n_targets: int
+    better: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Comparison:
+        b = d.get("better")
+        return cls(str(d["method"]), str(d["reference"]), float(d["diff"]), float(d["lo"]), float(d["hi"]),
+                   str(d["unit"]), int(d["n_units"]), int(d["n_targets"]), None if b is None else bool(b))
 
 
 @dataclass
@@ -224,6 +277,75 @@ class EvalResults:
         for per in out.values():
             for t in per:
                 per[t].sort()
+        return out
+
+    def means(self, metric: str) -> dict[str, float]:
+        """Mean over targets of each main-table method scored on every target (the Mean row)."""
+        table = self.table(metric)
+        out: dict[str, float] = {}
+        for m in self.methods:
+            vals = [table[t][m] for t in self.targets if m in table.get(t, {})]
+            if vals and len(vals) == len(self.targets):
+                out[m] = sum(vals) / len(vals)
+        return out
+
+    def paired_units(self, metric: str, method: str, reference: str
+                     ) -> tuple[str, list[list[float]], list[list[float]], int] | None:
+        """The paired samples to bootstrap ``method`` against ``reference``: (unit, groups of a, groups of b, targets).
+
+        Per-item scores (one group per target) when both methods have them on every common target with the same
+        number of items; else the targets' scores (one group), when there are at least two targets; else ``None``.
+        """
+        main = {(r.target, r.method): r for r in self.records if r.sweep is None and metric in r.metrics}
+        common = [t for t in self.targets if (t, method) in main and (t, reference) in main]
+        if not common:
+            return None
+        ra, rb = [main[(t, method)] for t in common], [main[(t, reference)] for t in common]
+        ia, ib = [r.per_item.get(metric) for r in ra], [r.per_item.get(metric) for r in rb]
+        if (all(x is not None and y is not None and len(x) == len(y) for x, y in zip(ia, ib))
+                and any(len(x) >= 2 for x in ia if x is not None)):
+            return "item", [list(x) for x in ia if x is not None], [list(y) for y in ib if y is not None], len(common)
+        if any(x is not None for x in ia + ib):
+            log.info("%s vs %s on %s: per-item scores missing or of different lengths on some target; "
+                     "bootstrapping over targets", method, reference, metric)
+        if len(common) < 2:
+            return None
+        return "target", [[r.metrics[metric] for r in ra]], [[r.metrics[metric] for r in rb]], len(common)
+
+    def comparisons(self, metric: str, lower_is_better: bool = False, *, n_boot: int = N_BOOT, seed: int = 0,
+                    ci: float = CI) -> dict[str, dict[str, Comparison]]:
+        """``{method: {"vs_pretrained": Comparison, "vs_best_other": Comparison}}`` for one metric.
+
+        ``vs_pretrained``: every method but Pre-trained against Pre-trained. ``vs_best_other``: each zero-shot
+        strategy against the other zero-shot strategy with the best Mean (Pre-trained and SFT are not candidates:
+        one is the floor, the other an oracle that sees the target's own adapter); SFT against the best
+        zero-shot strategy (the oracle gap). Ties go to the first in column order. A key is missing when no
+        interval can be formed (a single target without per-item scores). Deterministic for a ``seed``.
+        """
+        from adapterbank.evaluate.bootstrap import stratified_paired_bootstrap
+
+        table = self.table(metric)
+        cols = [m for m in self.methods if any(m in row for row in table.values())]
+        means = self.means(metric)
+        zero_shot = [m for m in cols if m not in BASELINES]
+        out: dict[str, dict[str, Comparison]] = {}
+        for m in cols:
+            refs: dict[str, str] = {}
+            if m != "pretrained" and "pretrained" in cols:
+                refs["vs_pretrained"] = "pretrained"
+            if m == "sft" or m in zero_shot:
+                others = [o for o in zero_shot if o != m]
+                best = best_methods(means, others, lower_is_better)
+                if best:
+                    refs["vs_best_other"] = next(o for o in others if o in best)
+            for key, ref in refs.items():
+                units = self.paired_units(metric, m, ref)
+                if units is None:
+                    continue
+                unit, a, b, n_t = units
+                d, lo, hi = stratified_paired_bootstrap(a, b, n_boot=n_boot, seed=seed, ci=ci)
+                better = None if lo <= 0.0 <= hi else (d > 0) != lower_is_better
+                out.setdefault(m, {})[key] = Comparison(m, ref, d, lo, hi, unit, sum(len(x) for x in a), n_t, better)
         return out
 
     @property

@@ -13,7 +13,8 @@ Reading: :func:`check_config` sorts every config key into one of three groups �
 An unknown key (from a newer PEFT) is tolerated only while its value is "off" (``None``, ``False``, ``0``,
 empty); an unknown key that is switched on is refused, because we cannot know that it leaves ΔW alone.
 
-Writing: :func:`config_for` picks ``r`` = the most common rank, ``lora_alpha`` = the most common α = s·r
+Writing: :func:`config_for` picks ``r`` = the largest rank (multi-LoRA servers such as vLLM and LoRAX size
+and check an adapter by ``r`` against their ``max_lora_rank``), ``lora_alpha`` = the most common α = s·r
 (so the scale PEFT computes, α/r, is s), and ``rank_pattern`` / ``alpha_pattern`` keyed by full module
 paths for the modules that differ. PEFT resolves a pattern key with ``re.match(rf"(.*\\.)?({key})$",
 module)`` and takes the first key that matches; :func:`config_for` checks that every module resolves to its
@@ -259,19 +260,21 @@ def _num(x: float) -> int | float:
 def config_for(modules: Mapping[str, LoraModule]) -> dict[str, Any]:
     """The ΔW-deciding part of a LoraConfig for ``modules``: r, lora_alpha, patterns, target_modules.
 
-    α per module is s·r (``use_rslora`` is always False), so PEFT's α/r reproduces every scale.
+    ``r`` is the largest module rank, so that servers which size adapters by ``r`` (vLLM, LoRAX) never
+    see a rank above it; smaller ranks go to ``rank_pattern``. α per module is s·r (``use_rslora`` is
+    always False), so PEFT's α/r reproduces every scale.
 
     >>> import torch
     >>> m = lambda r, s: LoraModule(torch.ones(r, 3), torch.ones(2, r), s, (2, 3))
-    >>> c = config_for({"a.q": m(4, 2.0), "a.k": m(4, 2.0), "a.v": m(2, 1.0)})
+    >>> c = config_for({"a.q": m(2, 2.0), "a.k": m(2, 2.0), "a.v": m(6, 1.0)})
     >>> c["r"], c["lora_alpha"], c["rank_pattern"], c["alpha_pattern"]
-    (4, 8, {'a.v': 2}, {'a.v': 2})
+    (6, 4, {'a.k': 2, 'a.q': 2}, {'a.v': 6})
     """
     if not modules:
         raise FormatError("Cannot write an adapter with no modules.")
     ranks = {k: m.rank for k, m in modules.items()}
     alphas = {k: _num(m.scale * m.rank) for k, m in modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
+    r = max(ranks.values())
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     names = sorted(modules, key=lambda k: (-len(k), k))  # longest first: first-match semantics
     rank_pattern = {k: ranks[k] for k in names if ranks[k] != r}

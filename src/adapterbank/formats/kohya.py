@@ -28,6 +28,7 @@ diffusers UNets and CLIP text encoders (:data:`SEGMENTS`); anything else — inc
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -42,7 +43,19 @@ from adapterbank.lora import LoraAdapter, LoraModule
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMPONENTS", "SEGMENTS", "read_kohya", "write_kohya", "stem_to_path", "is_kohya_key"]
+__all__ = ["COMPONENTS", "SEGMENTS", "KohyaTextEncoderWarning", "read_kohya", "write_kohya", "stem_to_path",
+           "is_kohya_key"]
+
+
+class KohyaTextEncoderWarning(UserWarning):
+    """A kohya file holds text-encoder LoRAs, which diffusers' own kohya loader mishandles.
+
+    diffusers' kohya converter renames CLIP attention keys to its legacy ``to_q_lora`` spelling and keys
+    their per-module alphas under that spelling, so they do not reach PEFT's config: with per-module alphas
+    text-encoder attention LoRAs load with the wrong scale (measured with diffusers 0.42), and they have been
+    seen dropped (a diffusers bug; our
+    reading of the file is right). The diffusers format (``--format diffusers``) has no such problem.
+    """
 
 #: kohya key prefix -> component; the order matters for matching (te1/te2 before te).
 COMPONENTS: tuple[tuple[str, str], ...] = (
@@ -308,15 +321,27 @@ def write_kohya(
         tensors[f"{stem}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     if not tensors:
         raise FormatError("Cannot write an adapter with no modules.")
-    ranks = Counter(m.rank for m in adapter.modules.values())
     alphas = {float(t.item()) for k, t in tensors.items() if k.endswith(".alpha")}
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.most_common(1)[0][0]),
+        "ss_network_dim": str(max(m.rank for m in adapter.modules.values())),
         "ss_network_alpha": repr(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
     }
     base = base_model or adapter.base_model
     if base:
         meta["adapterbank_base_model"] = base
     meta.update(dict(extra_metadata or {}))
+    _warn_text_encoder(adapter, p)
     return [save_file(tensors, p, metadata=meta)]
+
+
+def _warn_text_encoder(adapter: LoraAdapter, out: Path) -> None:
+    te = [k for k in adapter.modules if k.startswith("text_encoder")]
+    if not te:
+        return
+    msg = (f"{out}: writing {len(te)} text-encoder LoRA module(s) (e.g. {te[0]!r}) in kohya format. diffusers' own "
+           "kohya loader (pipe.load_lora_weights) mishandles text-encoder attention LoRAs (it renames their keys and "
+           "loses their per-module alphas, so they can load with wrong scales or not at all; a diffusers bug). For diffusers, write "
+           "--format diffusers (format='diffusers') instead; kohya/A1111 tools read this file correctly.")
+    logger.warning("%s", msg)
+    warnings.warn(msg, KohyaTextEncoderWarning, stacklevel=3)

@@ -265,7 +265,7 @@ def write_peft(
         "peft_type": "LORA",
         "task_type": meta.get("task_type"),
         "base_model_name_or_path": base_model or adapter.base_model,
-        "revision": None,
+        "revision": meta.get("revision"),
         "inference_mode": True,
         "bias": "none",
         "lora_dropout": 0.0,

@@ -1,6 +1,6 @@
 """Group adapters and the static router that feeds them group ids.
 
-Residual adapter of group g at one FFN site (DESIGN.md §2):
+Residual adapter of group g at one FFN site (arXiv:2512.01675; docs/design.md §3):
 
     y = FFN(x) + s · U_g φ(D_g x)
 

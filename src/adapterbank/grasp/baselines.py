@@ -1,4 +1,4 @@
-"""Baselines under the same budget as GRASP (reference/grasp.md §3).
+"""Baselines under the same budget as GRASP (arXiv:2512.01675; docs/design.md §3).
 
 | baseline | function | what is trained |
 |---|---|---|

@@ -197,7 +197,11 @@ class GraspFFN(nn.Module):
             return y
         if cd not in (-1, x.ndim - 1):
             d = d.movedim(-1, cd)
-        return y + d.to(y.dtype)
+        # The sum keeps the base output's memory layout: d is first copied into y's strides (empty_like
+        # preserves them; copy_ keeps the autograd graph). With a permuted d, y + d could come out
+        # channels-last and the layers after us would sum in another order — not bit-exact at U = 0 (seen
+        # with Sana's channel-first FFN, diffusers 0.42).
+        return y + torch.empty_like(y).copy_(d)
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -1,6 +1,6 @@
 """Static partitioners: a fixed function condition/labels → group, fit on training metadata only.
 
-GRASP (DESIGN.md §2) routes every sample to the adapter of its group; the group is decided by an
+GRASP (arXiv:2512.01675; docs/design.md §3) routes every sample to the adapter of its group; the group is decided by an
 external prior before training and never learned. A partitioner sees labels (or prompts), never
 images, is deterministic, and is saved as JSON next to the checkpoint.
 
