@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
+import warnings
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,17 +19,37 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from adapterbank.errors import AdapterbankError
+from adapterbank.errors import AdapterbankError, AdapterbankWarning, ParameterError, PoolSmallerThanKWarning
 from adapterbank.formats import FORMATS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar, every command
+
+
+class _Console(Console):
+    """A rich Console that never wraps a line or cuts a table cell when its stream is not a terminal.
+
+    Rich fits output into 80 columns when piped, cutting numbers to ``36.39…``; a pipe or a log gets every
+    digit instead (tables take their natural width, long lines stay one line).
+    """
+
+    def print(self, *objects: Any, **kw: Any) -> None:
+        if self.is_terminal:
+            return super().print(*objects, **kw)
+        kw.setdefault("soft_wrap", True)
+        saved, self.width = self._width, 1 << 16  # tables take their content's width, never padded to this
+        try:
+            super().print(*objects, **kw)
+        finally:
+            self._width = saved
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A bank of LoRA adapters with task prototypes: retrieve, weigh (sparse projection), merge exactly.")
-console = Console()
-err = Console(stderr=True)
+console = _Console()
+err = _Console(stderr=True, soft_wrap=True)  # an error or a note is one line, whatever the terminal width
 
 ENCODERS_FILE = "encoders.json"
 
@@ -68,7 +91,7 @@ def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | N
     from adapterbank.prototypes import load_encoder
 
     spec = spec or _bank_encoder_spec(bank_dir) or "default"
-    return load_encoder(spec, max_length=max_length), spec
+    return load_encoder(_local(spec, "--encoder"), max_length=max_length), spec
 
 
 def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
@@ -83,6 +106,7 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
         if max_length is not None:
             raise typer.BadParameter("--max-length sets the encoder; a --prototype file was computed already.")
         return Prototype.load(prototype)
+    _local(target, "--target")  # before the encoder loads
     enc, _ = _encoder(encoder, bank_dir, max_length)
     if description is not None:
         return describe(enc, description)
@@ -111,6 +135,47 @@ def _card_table(cards: list[Any]) -> Table:
 
 def _csv(s: str | None) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()] if s else []
+
+
+def _json_option() -> Any:
+    return typer.Option(False, "--json", help="Print machine-readable JSON on stdout (and nothing else there).")
+
+
+def _print_json(doc: Any) -> None:
+    """``doc`` alone on stdout as plain JSON (``--json``): no colour, no wrapping; messages go to stderr."""
+    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq", ".txt", ".npy", ".safetensors",
+                  ".bin", ".pt", ".pth", ".ckpt", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".py", ".yaml")
+
+
+def _local(value: Any, flag: str) -> Any:
+    """``value`` unchanged, unless it names nothing on disk but looks like a Hugging Face hub id (``org/name``):
+    then a ParameterError saying how to download it, since adapterbank never downloads (it runs offline)."""
+    if value is None:
+        return value
+    s = os.fspath(value)
+    if Path(s).expanduser().exists() or not _HUB_ID.fullmatch(s) or s.lower().endswith(_FILE_SUFFIXES):
+        return value
+    raise ParameterError(
+        f"{flag} {s!r} is not a local file or folder. adapterbank works offline and never downloads: if {s!r} is "
+        f"a Hugging Face hub id, download it first with `hf download {s} --local-dir DIR` (`huggingface-cli "
+        f"download {s} --local-dir DIR` with huggingface_hub < 1.0), then pass DIR as {flag}.")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """adapterbank's own warnings as one line on stderr (``note: ...``); others as Python shows them."""
+    if issubclass(category, AdapterbankWarning):
+        label = "note" if issubclass(category, PoolSmallerThanKWarning) else "warning"
+        err.print(f"[yellow]{label}:[/yellow] {escape(str(message))}", highlight=False)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -150,6 +215,7 @@ def add(
     if max_length is not None and samples is None and description is None:
         raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
     b = _open(bank, lock_timeout)
+    source, samples = _local(source, "SOURCE"), _local(samples, "--samples")
     proto = None
     if samples is not None or description is not None:
         enc, spec = _encoder(encoder, bank, max_length)
@@ -166,16 +232,22 @@ def add(
 
 
 @app.command("list")
-def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None)) -> None:
+def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None),
+          json_: bool = _json_option()) -> None:
     """List the adapters in the bank."""
     cards = _open(bank).list(base_model=base, tags=_csv(tag) or None)
+    if json_:
+        return _print_json([c.to_dict() for c in cards])
     console.print(_card_table(cards))
 
 
 @app.command()
-def show(bank: Path, id: str) -> None:
+def show(bank: Path, id: str, json_: bool = _json_option()) -> None:
     """Show one adapter's card as JSON."""
-    console.print_json(json.dumps(_open(bank).get(id).to_dict(), default=str))
+    card = _open(bank).get(id).to_dict()
+    if json_:
+        return _print_json(card)
+    console.print_json(json.dumps(card, default=str))
 
 
 @app.command()
@@ -226,6 +298,7 @@ def prototype(
     """Compute a task prototype (Eq. 1) from samples or a description."""
     if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
         bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
+    _local(samples, "SAMPLES")
     p = _target(bank, samples, description, None, encoder, column, batch_size, max_length)
     path = p.save(out)
     console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
@@ -243,11 +316,14 @@ def search(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    json_: bool = _json_option(),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
+    if json_:
+        return _print_json({"space": p.space.key, "k": k, "hits": [{"id": h.id, "distance": h.distance} for h in hits]})
     t = Table(title=f"top-{k} in {p.space.key}")
     t.add_column("adapter")
     t.add_column("squared distance", justify="right")
@@ -284,12 +360,14 @@ def compose_cmd(
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+    json_: bool = _json_option(),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
-    from adapterbank.compose import compose
+    from adapterbank.compose import RECIPE_FILE, compose
     from adapterbank.compose.compose import default_output_format
 
     b = _open(bank)
+    _local(merge_into, "--merge-into")
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
@@ -297,6 +375,8 @@ def compose_cmd(
                    lambda_path=lambda_path)
     path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
     fmt = default_output_format(comp.source_formats, format)
+    if json_:
+        return _print_json({"out": str(path), "format": fmt, **json.loads((path / RECIPE_FILE).read_text())})
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
     console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
                                  comp.weight_table()))
@@ -329,6 +409,7 @@ def evaluate_cmd(
     target_prototypes: Optional[Path] = typer.Option(
         None, help="Folder of <adapter id>.npy prototypes (from `adapterbank prototype`) of each target's own "
         "held-out data, used instead of the bank prototype; needed for a meaningful --include-self."),
+    json_: bool = _json_option(),
 ) -> None:
     """Leave-one-out: each adapter's task is composed from the others and scored by your evaluator."""
     from adapterbank.evaluate import load_results
@@ -349,6 +430,9 @@ def evaluate_cmd(
                         cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
                         params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes)
     res = load_results(path / "results.json")
+    if json_:
+        return _print_json({"report": str(path / "index.html"), "results": str(path / "results.json"),
+                            "lower_is_better": low, "scores": {m: res.table(m) for m in res.metrics}})
     for metric in res.metrics:
         cols, rows = score_rows(res, metric, metric in low)
         t = Table(title=f"{metric} ({'lower' if metric in low else 'higher'} is better; bold: best zero-shot)")
@@ -439,14 +523,30 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-from adapterbank.grasp.cli import app as _grasp_app  # noqa: E402  (after the core commands)
+class _GraspGroup(TyperGroup):
+    """``adapterbank grasp``: its commands (and torch) are imported when the group is used, not for ``--help``."""
 
-app.add_typer(_grasp_app, name="grasp", help="GRASP: group residual adapters trained on long-tail data.")
+    @cached_property
+    def _real(self) -> Any:
+        from adapterbank.grasp.cli import app as grasp_app
+
+        return typer.main.get_command(grasp_app)
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return list(self._real.list_commands(ctx))
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        return self._real.get_command(ctx, cmd_name)
+
+
+app.add_typer(typer.Typer(), name="grasp", cls=_GraspGroup, no_args_is_help=True,
+              help="GRASP: group residual adapters trained on long-tail data.")
 
 
 def main() -> None:
     logging.basicConfig(level=os.environ.get("ADAPTERBANK_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _show_warning
     try:
         app()
     except AdapterbankError as e:

@@ -93,3 +93,11 @@ class OutputWriteError(AdapterbankError, OSError):
 
 
 __all__ = [n for n in dir() if n.endswith("Error")]
+
+
+class AdapterbankWarning(UserWarning):
+    """Base class of the warnings adapterbank gives on purpose (the command line prints them as one line)."""
+
+
+class PoolSmallerThanKWarning(AdapterbankWarning):
+    """Fewer adapters matched than the ``k`` asked for; the smaller pool was used."""

@@ -42,7 +42,8 @@ def test_train_then_sample(setup) -> None:
     assert np.isfinite(z["x"]).all()
 
 
-def test_bad_config_and_labels(setup) -> None:
+def test_bad_config_and_labels(setup, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "40")  # a narrow terminal (or xdist's): error lines must still be one line
     tmp, cfg = setup
     bad = {**cfg, "train": {**cfg["train"], "stpes": 3}}
     (tmp / "bad.yaml").write_text(yaml.safe_dump(bad))

@@ -27,6 +27,7 @@ import logging
 import re
 import sqlite3
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -55,6 +56,7 @@ from adapterbank.errors import (
     FormatError,
     InvalidNameError,
     NonFiniteError,
+    PoolSmallerThanKWarning,
     PrototypeSpaceError,
     ShapeMismatchError,
     UnknownNameError,
@@ -743,7 +745,8 @@ class Bank:
         ties broken by id), optionally only of ``base_model``, with all ``tags``, not in ``exclude``.
 
         A :class:`Prototype` query searches its own space (``space=`` must agree); a vector query needs
-        ``space=`` when the bank has several spaces. Fewer than ``k`` hits come back when fewer match.
+        ``space=`` when the bank has several spaces. Fewer than ``k`` hits come back when fewer match, with a
+        :class:`~adapterbank.errors.PoolSmallerThanKWarning`.
         """
         k = check_k(k)
         if isinstance(query, Prototype):
@@ -767,7 +770,11 @@ class Bank:
         if tags:
             where["tags"] = _check_tags(tags)
         hits = idx.search(vec, min(k + len(excl), max(len(idx), 1), MAX_K), where=where or None)
-        return [h for h in hits if h.id not in excl][:k]
+        out = [h for h in hits if h.id not in excl][:k]
+        if len(out) < k:
+            warnings.warn(f"k={k} but only {len(out)} adapter(s) in space {key!r} match the filters; used {len(out)}.",
+                          PoolSmallerThanKWarning, stacklevel=2)
+        return out
 
     # -- integrity --------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:

@@ -16,6 +16,7 @@ length-sorted batches of ``batch_size`` (less padding, same sum: the mean is ord
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from adapterbank.errors import EncoderError, NonFiniteError, ShapeMismatchError
 from adapterbank.prototypes.encoders import is_encoder, load_encoder
-from adapterbank.prototypes.inputs import describe_source, iter_batches
+from adapterbank.prototypes.inputs import count_hint, describe_source, iter_batches
 from adapterbank.prototypes.space import Prototype, PrototypeSpace, check_same_space
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
         column: the text column of a file or of mapping items (default: the first of text, prompt, ...).
         batch_size: samples per forward pass.
         limit: use at most this many samples.
-        progress: show a tqdm progress bar (on stderr).
+        progress: show a tqdm progress bar on stderr, with the count and an ETA (it stays when done).
         description: the prototype's ``source`` text (default: a short description of ``source``).
         space: when given, the encoder's space must be this one (else PrototypeSpaceError).
         max_line_bytes: the longest line of a JSONL/CSV/TXT file (see :func:`iter_items`; default 1 MiB).
@@ -73,7 +74,7 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
         raise EncoderError(
             f"The 'batch_size' parameter of compute_prototype must be a positive int. Got {batch_size!r}.")
     label = description or describe_source(source, column)
-    total_hint = len(source) if isinstance(source, (list, tuple)) else None
+    total_hint = count_hint(source) if progress else None  # the bar's total, so it shows an ETA
     if limit is not None:
         total_hint = limit if total_hint is None else min(limit, total_hint)
     total: np.ndarray | None = None  # Σ E(x), (d,) float64
@@ -101,7 +102,8 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
             bar.update(len(idx))
 
     buf: list[Any] = []  # texts waiting to be length-sorted (at most batch_size × SORT_WINDOW)
-    with tqdm(total=total_hint, disable=not progress, unit="sample", desc="prototype", leave=False) as bar:
+    with tqdm(total=total_hint, disable=not progress, unit="sample", desc="prototype", leave=True,
+              file=sys.stderr) as bar:
         for batch in iter_batches(source, batch_size, column=column, limit=limit,
                                   max_line_bytes=max_line_bytes):
             if all(isinstance(x, str) for x in batch):
@@ -116,6 +118,9 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
                 encode_chunk(batch)
         if buf:
             encode_chunk(buf)
+        if progress and bar.total != n:  # the hint was off (blank or quoted lines): end at the true count
+            bar.total = n
+            bar.refresh()
     if total is None or n == 0:
         raise EncoderError(f"No samples in {label}: a prototype needs at least one.")
     sp = enc.space
