@@ -411,13 +411,14 @@ def include_self_ablation(bank: Any, enc: Any, evaluator: DiceEvaluator, sites: 
     adapter's prototype came from), and each strategy is composed and scored directly."""
     from adapterbank.compose import compose
     from adapterbank.evaluate import EvalRecord, EvalResults
+    from adapterbank.evaluate.results import BASELINES, method_order
     from adapterbank.prototypes import compute_prototype
 
     recs = [r for r in main.records if r.sweep is None and r.method in ("pretrained", "sft")]
     for t, d in sites.items():
         p_t = compute_prototype(enc, [im[0] for im in d["val"].x.numpy()], batch_size=250,
                                 description=f"site {t}: {len(d['val'].x)} validation images")
-        for m in ("nearest", "avg", "sim", "lin", "sparse"):
+        for m in (m for m in method_order() if m not in BASELINES):  # every strategy of the table
             comp = compose(bank, p_t, k=k, strategy=m)
             t0 = time.perf_counter()
             metrics = evaluator(comp.adapter, d["test"])
@@ -603,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adapterbank.bank import Bank
     from adapterbank.compose import compose
     from adapterbank.evaluate import evaluate, write_report
+    from adapterbank.evaluate.results import display_name
     from adapterbank.prototypes import compute_prototype, model_fingerprint
 
     # 1. data
@@ -815,10 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "## Ablations", "",
         ("Mean Dice over targets (main table first). Each ablation has its own report in `ablation_*/`. "
         f"All-layer space: `{enc2.space.key}`."), "",
-        "| setting | Pre-trained | SFT | Nearest | Avg | Sim | Lin | Sparse |", "|:---|" + "---:|" * 7,
+        "| setting | " + " | ".join(map(display_name, res.methods)) + " |", "|:---|" + "---:|" * len(res.methods),
         *[f"| {label} | " + " | ".join(
             f"{np.mean([r.table('dice')[t][m] for t in names]):.4f}"
-            for m in ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")) + " |"
+            for m in res.methods) + " |"
           for label, r in [("main (last-layer prototypes, target excluded)", res)]
           + [(d, r) for d, r in ablations.values()]],
         "",
