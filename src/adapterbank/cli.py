@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from adapterbank.errors import AdapterbankError
@@ -31,10 +32,14 @@ ENCODERS_FILE = "encoders.json"
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _open(bank: Path) -> Any:
+def _open(bank: Path, lock_timeout: float | None = None) -> Any:
     from adapterbank.bank import Bank
 
-    return Bank.open(bank)
+    return Bank.open(bank) if lock_timeout is None else Bank.open(bank, lock_timeout=lock_timeout)
+
+
+LOCK_TIMEOUT_HELP = "Seconds to wait while another process writes to the bank (default 60), then fail."
+OVERWRITE_HELP = "Replace an existing output (atomically: the old content stays until the new one is complete)."
 
 
 def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
@@ -58,15 +63,15 @@ def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
     return specs[0] if specs else None
 
 
-def _encoder(spec: str | None, bank_dir: Path | None = None) -> tuple[Any, str]:
+def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
     from adapterbank.prototypes import load_encoder
 
     spec = spec or _bank_encoder_spec(bank_dir) or "default"
-    return load_encoder(spec), spec
+    return load_encoder(spec, max_length=max_length), spec
 
 
 def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
-            encoder: str | None, column: str | None, batch_size: int = 32) -> Any:
+            encoder: str | None, column: str | None, batch_size: int = 32, max_length: int | None = None) -> Any:
     """A target prototype from samples, a description or a prototype file (exactly one)."""
     from adapterbank.prototypes import Prototype, compute_prototype, describe
 
@@ -74,8 +79,10 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
     if sum(given) != 1:
         raise typer.BadParameter("Give exactly one of --target SAMPLES, --description TEXT, --prototype FILE.npy.")
     if prototype is not None:
+        if max_length is not None:
+            raise typer.BadParameter("--max-length sets the encoder; a --prototype file was computed already.")
         return Prototype.load(prototype)
-    enc, _ = _encoder(encoder, bank_dir)
+    enc, _ = _encoder(encoder, bank_dir, max_length)
     if description is not None:
         return describe(enc, description)
     return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
@@ -160,14 +167,18 @@ def add(
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
     replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP),
 ) -> None:
     """Add an adapter (and its task prototype) to the bank."""
     from adapterbank.prototypes import compute_prototype, describe
 
-    b = _open(bank)
+    if max_length is not None and samples is None and description is None:
+        raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
+    b = _open(bank, lock_timeout)
     proto = None
     if samples is not None or description is not None:
-        enc, spec = _encoder(encoder, bank)
+        enc, spec = _encoder(encoder, bank, max_length)
         if samples is not None:
             proto = compute_prototype(enc, samples, column=column, batch_size=batch_size, progress=sys.stderr.isatty(),
                                       description=description)
@@ -194,9 +205,10 @@ def show(bank: Path, id: str) -> None:
 
 
 @app.command()
-def remove(bank: Path, id: str) -> None:
+def remove(bank: Path, id: str, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
-    _open(bank).remove(id)
+    _open(bank, lock_timeout).remove(id)
     console.print(f"Removed {id}")
 
 
@@ -211,16 +223,18 @@ def verify(bank: Path) -> None:
 
 
 @app.command()
-def gc(bank: Path) -> None:
+def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
+        None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Delete orphan blobs and temp files left by interrupted writes."""
-    console.print(f"removed {_open(bank).gc()} orphan files")
+    console.print(f"removed {_open(bank, lock_timeout).gc()} orphan files")
 
 
 @app.command()
 def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
-           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit).")) -> None:
+           format: Optional[str] = typer.Option(None, help="peft, kohya, diffusers (default: as added, bit-for-bit)."),
+           overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
-    path = _open(bank).export(id, out, format=format)
+    path = _open(bank).export(id, out, format=format, overwrite=overwrite)
     console.print(f"Wrote {path}")
 
 
@@ -233,11 +247,12 @@ def prototype(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     batch_size: int = typer.Option(32),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Compute a task prototype (Eq. 1) from samples or a description."""
     if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
         bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
-    p = _target(bank, samples, description, None, encoder, column, batch_size)
+    p = _target(bank, samples, description, None, encoder, column, batch_size, max_length)
     path = p.save(out)
     console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
 
@@ -253,10 +268,11 @@ def search(
     tag: Optional[str] = typer.Option(None),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
     t = Table(title=f"top-{k} in {p.space.key}")
     t.add_column("adapter")
@@ -295,6 +311,8 @@ def compose_cmd(
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
+    max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import compose
@@ -304,11 +322,11 @@ def compose_cmd(
     _, by_strategy = _strategy_params(strategy_plugin, param, [strategy], {strategy: legacy} if legacy else {})
     params = by_strategy.get(strategy, {})
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column)
+    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
                    exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
                    lambda_path=lambda_path)
-    path = comp.save(out, format=format, merge_into=merge_into)
+    path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
     fmt = default_output_format(comp.source_formats, format)
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
     console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
@@ -468,10 +486,11 @@ def main() -> None:
     try:
         app()
     except AdapterbankError as e:
-        err.print(f"[red]error:[/red] {e}")
+        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         sys.exit(2)
-    except FileNotFoundError as e:
-        err.print(f"[red]error:[/red] {e}")
+    except OSError as e:  # last resort: an operating-system error our library did not word (one line, no traceback)
+        msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e) or type(e).__name__
+        err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -361,7 +361,7 @@ def run_demo(out: str | Path = "demo-out", *, k: int = 5, targets: Sequence[str]
     for name in STRATEGIES:
         step(f"'{check}': composing with '{name}', loading it with PeftModel.from_pretrained")
         comp = compose(bank, target_proto, k=k, strategy=name, exclude=[check])
-        cdir = comp.save(out / "composites" / check / name)
+        cdir = comp.save(out / "composites" / check / name, overwrite=True)  # a rerun replaces them
         weights = {i: float(w) for i, w in zip(comp.ids, comp.weights, strict=True)}
         result.ranks[name] = max(comp.adapter.ranks.values(), default=0)
         sd = dict(scorer.base_sd)  # independent reference: W_0 + Σ w_i ΔW_i from the original PEFT files

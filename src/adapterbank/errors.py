@@ -83,4 +83,13 @@ class OutputExistsError(AdapterbankError, FileExistsError):
     """The output path already exists and overwriting was not asked for."""
 
 
+class OutputWriteError(AdapterbankError, OSError):
+    """Writing an output (a composite, an export, merged weights, the bank itself) failed in the operating
+    system: disk full, file too large, read-only folder, permission denied, a path under a regular file.
+    ``errno`` and ``filename`` are those of the original :class:`OSError`; nothing half-written is left."""
+
+    def __str__(self) -> str:  # OSError would print "[Errno n] ..." once errno is set
+        return str(self.args[0]) if self.args else ""
+
+
 __all__ = [n for n in dir() if n.endswith("Error")]

@@ -35,8 +35,8 @@ listed in the report (``skipped_modules``) with a warning.
 
 Everything is checked before the first byte is written (every module finds its tensor with the right shape,
 factors are finite, headers are valid); the output is assembled in a hidden staging folder beside
-``out_dir`` (each file written with :func:`adapterbank._io.atomic_write`) and renamed into place at the end,
-so a failure leaves no partial ``out_dir`` behind.
+``out_dir`` (:func:`adapterbank._io.atomic_dir`) and renamed into place at the end, so a failure or a
+``kill -9`` leaves no partial ``out_dir`` behind.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,10 +56,9 @@ from typing import Any, BinaryIO
 import torch
 from safetensors import safe_open
 
-from adapterbank._io import atomic_write, fsync_dir, validate_name
+from adapterbank._io import atomic_dir, atomic_write, check_output, validate_name
 from adapterbank.errors import (
     FormatError,
-    OutputExistsError,
     ShapeMismatchError,
     UnknownNameError,
     UnsupportedAdapterError,
@@ -253,11 +251,6 @@ def _discover(base: Path) -> tuple[list[_Shard], Path | None, dict[str, Any] | N
     return shards, index_path, index, extras
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.is_symlink() or out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputExistsError(f"The output folder {out} already exists and is not empty; refusing to overwrite it.")
-
-
 def _merged_tensor(w0: torch.Tensor, m: LoraModule, out_dtype: torch.dtype) -> tuple[torch.Tensor, float, float]:
     """W₀ + ΔW in fp32 (fp64 kept) cast to ``out_dtype``; also max|ΔW| and ‖ΔW‖_F."""
     cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
@@ -307,6 +300,7 @@ def merge_into_files(
     *,
     key: Callable[[str], str] | None = None,
     dtype: torch.dtype | str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write the base model with the adapter merged in, W^m = W₀^m + ΔW^m, streaming tensor by tensor.
 
@@ -314,11 +308,12 @@ def merge_into_files(
         base: a ``.safetensors`` file, or a model folder (single file or sharded with a
             ``*.safetensors.index.json``), see the module docstring.
         adapter: the LoRA to merge (any scale, rank, transposed/conv/embedding modules).
-        out_dir: folder to create; it must not exist or be empty.
+        out_dir: folder to create; it must not exist or be empty, unless ``overwrite``.
         key: module path → tensor key; default :func:`default_key` (``f"{m}.weight"``, component prefix
             stripped when ``base`` is that component's folder).
         dtype: cast every floating tensor of the output to this (``torch.bfloat16`` or ``"bfloat16"``, ...);
             ``None`` keeps each tensor's dtype. ``torch_dtype``/``dtype`` in a copied ``config.json`` follow.
+        overwrite: replace a non-empty ``out_dir`` (its old content stays until the new one is complete).
 
     Returns:
         A report: ``files`` (written shards), ``copied`` (other files), ``modules_merged``, ``tensors``,
@@ -329,7 +324,8 @@ def merge_into_files(
         ShapeMismatchError: a module whose tensor is missing (named) or has another shape.
         NonFiniteError: NaN/Inf in the adapter's factors.
         FormatError: unreadable or ambiguous base weights.
-        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``).
+        OutputExistsError: ``out_dir`` exists and is not empty (a ``FileExistsError``), without ``overwrite``.
+        OutputWriteError: the operating system refused a write (disk full, read-only, ...); an ``OSError``.
         UnsupportedAdapterError: the adapter holds GRASP residual modules.
 
     >>> import tempfile
@@ -347,11 +343,11 @@ def merge_into_files(
     adapter.refuse_residual("merging into base weights")
     adapter.check_finite()
     if base_p.is_dir() and (base_p / PIPELINE_INDEX).is_file():
-        return _merge_pipeline(base_p, adapter, out, key=key, dtype=out_dtype, t0=t0)
+        return _merge_pipeline(base_p, adapter, out, key=key, dtype=out_dtype, t0=t0, overwrite=overwrite)
     component = base_p.name if base_p.is_dir() else None
     adapter, skipped = _own_component(adapter, component, base_p)
     shards, index_path, index, extras = _discover(base_p)
-    _check_out_dir(out)
+    check_output(out, overwrite=overwrite)  # before the planning: refuse early
 
     # --- plan: every module -> (shard, tensor key), checked before anything is written
     where: dict[str, _Shard] = {}
@@ -390,14 +386,12 @@ def merge_into_files(
         plan[k], keys[name] = name, k
 
     # --- write into a staging folder beside out_dir, rename at the end
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     report: dict[str, Any] = {
         "base": str(base_p), "out_dir": str(out), "files": [], "copied": [], "skipped": [],
         "modules_merged": len(plan), "tensors": 0, "bytes": 0, "dtype": str(out_dtype) if out_dtype else None,
         "keys": keys, "delta_max_abs": {}, "delta_fro": {}, "skipped_modules": skipped,
     }
-    try:
+    with atomic_dir(out, overwrite=overwrite, what="the merged model") as staging:
         for s in shards:
             header, nbytes = _plan_shard(s, out_dtype)
             report["bytes"] += _write_shard(s, header, nbytes, plan, adapter, staging, report)
@@ -411,10 +405,6 @@ def merge_into_files(
             report["files"].append(index_path.name)
         for p in extras:
             _copy_extra(p, staging, out_dtype, report)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report["seconds"] = time.perf_counter() - t0
     return report
 
@@ -449,7 +439,7 @@ def _pipeline_components(base: Path) -> list[str]:
 
 
 def _merge_pipeline(base: Path, adapter: LoraAdapter, out: Path, *, key: Callable[[str], str] | None,
-                    dtype: torch.dtype | None, t0: float) -> dict[str, Any]:
+                    dtype: torch.dtype | None, t0: float, overwrite: bool) -> dict[str, Any]:
     """Merge each component the adapter touches into ``out/<component>``; copy the rest of the pipeline."""
     comps = _pipeline_components(base)
     by_comp: dict[str, dict[str, LoraModule]] = {}
@@ -461,18 +451,17 @@ def _merge_pipeline(base: Path, adapter: LoraAdapter, out: Path, *, key: Callabl
                 f"({', '.join(comps)}); module paths of a pipeline adapter start with its component (unet., ...)."
             )
         by_comp.setdefault(comp, {})[name] = m
-    _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    check_output(out, overwrite=overwrite)
     report: dict[str, Any] = {"base": str(base), "out_dir": str(out), "components": {}, "copied": [],
                               "modules_merged": 0, "keys": {}, "delta_max_abs": {}, "delta_fro": {}}
-    try:
+    with atomic_dir(out, overwrite=overwrite, what="the merged pipeline") as staging:
         for entry in sorted(base.iterdir()):
             if entry.name.startswith("."):
                 continue
             if entry.name in by_comp:
                 sub = LoraAdapter(by_comp[entry.name], adapter.base_model, dict(adapter.metadata))
                 rep = merge_into_files(entry, sub, staging / entry.name, key=key, dtype=dtype)
+                rep["out_dir"] = str(out / entry.name)
                 report["components"][entry.name] = rep
                 report["modules_merged"] += rep["modules_merged"]
                 for k in ("keys", "delta_max_abs", "delta_fro"):
@@ -483,28 +472,9 @@ def _merge_pipeline(base: Path, adapter: LoraAdapter, out: Path, *, key: Callabl
             elif entry.is_file():
                 shutil.copy2(entry, staging / entry.name)
                 report["copied"].append(entry.name)
-        _publish(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     report["seconds"] = time.perf_counter() - t0
     logger.info("merged components %s of %s; copied %s", sorted(by_comp), base, report["copied"])
     return report
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Rename the finished staging folder to ``out`` (absent or empty, checked before writing)."""
-    os.chmod(staging, 0o777 & ~_umask())
-    if out.is_dir():
-        out.rmdir()
-    os.replace(staging, out)
-    fsync_dir(out.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_shard(

@@ -251,3 +251,18 @@ def test_clip_image_tower(tmp_path: Path) -> None:
     assert got.shape == (3, 16)
     np.testing.assert_allclose(got, torch.nn.functional.normalize(ref, dim=-1).numpy(), atol=1e-6, rtol=0)
     assert load_encoder(tmp_path / "clip", pooling="cls").encode(ims).shape == (3, 32)  # vision tower tokens
+
+
+def test_max_length_is_recorded_and_only_for_text_encoders(tiny_bert_dir: Path, tiny_vit_dir: Path) -> None:
+    short, wide = load_encoder(tiny_bert_dir, max_length=8), load_encoder(tiny_bert_dir)
+    assert (short.space.max_length, wide.space.max_length) == (8, 64)  # 64: the tiny model's positions
+    assert short.space.key.endswith("|max8") and short.space != wide.space
+    text = " ".join(["cat"] * 40)
+    assert np.abs(short.encode([text]) - wide.encode([text])).max() > 1e-4
+    for spec in (tiny_vit_dir, "math:fabs", len):
+        with pytest.raises(EncoderError, match="applies to text encoders"):
+            load_encoder(spec, max_length=128)
+    assert load_encoder(tiny_vit_dir).space.max_length is None
+    assert CallableEncoder(len, name="n", dim=1).space.max_length is None
+    with pytest.raises(EncoderError, match="max_length"):
+        load_encoder(tiny_bert_dir, max_length="long")

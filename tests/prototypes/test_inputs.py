@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from adapterbank.errors import EncoderError, FormatError
+from adapterbank.errors import EncoderError, FormatError, ParameterError
 from adapterbank.prototypes import describe_source, iter_batches, iter_items
 
 ROWS = [{"id": i, "prompt": f"prompt number {i}", "label": i % 3} for i in range(11)]
@@ -151,3 +154,109 @@ def test_describe_source(tmp_path: Path, image_folder: Path) -> None:
     assert describe_source(p, "prompt") == f"{p} [column=prompt]"
     assert describe_source(image_folder) == f"{image_folder} (images)"
     assert describe_source("x " * 100).endswith("...") and len(describe_source("x " * 100)) < 140
+
+
+# --- files that are not what they claim -------------------------------------------------------
+
+BAD_UTF8 = {"jsonl": (b'{"text": "fine"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n', 3),
+            "csv": (b"text,label\nfine,1\ncaf\xe9,2\n", 3),
+            "txt": (b"fine\n\nbad \xff byte\n", 3)}
+
+
+@pytest.mark.parametrize("suffix", sorted(BAD_UTF8))
+def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path: Path, suffix: str) -> None:
+    data, line = BAD_UTF8[suffix]
+    p = tmp_path / f"latin1.{suffix}"
+    p.write_bytes(data)
+    with pytest.raises(FormatError, match=rf"^{p}, line {line}: not valid UTF-8"):
+        list(iter_items(p))
+
+
+def test_a_utf8_bom_is_allowed(tmp_path: Path) -> None:
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9"}\n')
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbftext\r\ncaf\xc3\xa9\r\n")
+    assert list(iter_items(tmp_path / "bom.jsonl")) == list(iter_items(tmp_path / "bom.csv")) == ["café"]
+
+
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "txt"])
+def test_a_line_over_the_cap_is_refused_with_its_number(tmp_path: Path, suffix: str) -> None:
+    big = "word " * (3 * MIB // 5)  # a 3 MiB text on line 2 of the data
+    p = tmp_path / f"big.{suffix}"
+    rows = ["short one", big, "short two"]
+    if suffix == "jsonl":
+        write_jsonl(p, [{"text": t} for t in rows])
+    elif suffix == "csv":
+        write_csv(p, [{"text": t} for t in rows])
+    else:
+        p.write_text("".join(t + "\n" for t in rows))
+    line = 3 if suffix == "csv" else 2  # after the CSV header
+    it = iter_items(p)
+    assert next(it) == "short one"  # streamed: what comes before the long line is read
+    with pytest.raises(FormatError, match=rf"^{p}, line {line}: longer than {MIB} bytes") as ei:
+        next(it)
+    assert "max_line_bytes" in str(ei.value) and "ADAPTERBANK_MAX_LINE_BYTES" in str(ei.value)
+    got = list(iter_items(p, max_line_bytes=4 * MIB))  # the cap is overridable
+    assert [len(x) for x in got] == [len(t) for t in rows]
+    with pytest.raises(FormatError, match=rf"line {line}: longer than 1000 bytes"):
+        list(iter_items(p, max_line_bytes=1000))
+
+
+def test_the_cap_counts_bytes_not_the_end_of_line(tmp_path: Path) -> None:
+    p = tmp_path / "edge.txt"
+    p.write_bytes(b"x" * 100 + b"\r\n" + "é".encode() * 50 + b"\n" + b"y" * 101 + b"\n")
+    it = iter_items(p, max_line_bytes=100)
+    assert len(next(it)) == 100 and next(it) == "é" * 50  # exactly 100 bytes each
+    with pytest.raises(FormatError, match=r"line 3: longer than 100 bytes"):
+        next(it)
+
+
+def test_the_cap_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 500}])
+    monkeypatch.setenv("ADAPTERBANK_MAX_LINE_BYTES", "100")
+    with pytest.raises(FormatError, match=r"line 1: longer than 100 bytes"):
+        list(iter_items(p))
+    assert len(list(iter_items(p, max_line_bytes=1000))) == 1  # the argument wins
+    monkeypatch.setenv("ADAPTERBANK_MAX_LINE_BYTES", "lots")
+    with pytest.raises(ParameterError, match="ADAPTERBANK_MAX_LINE_BYTES.*'lots'"):
+        list(iter_items(p))
+    with pytest.raises(ParameterError, match="max_line_bytes"):
+        list(iter_items(p, max_line_bytes=0))
+
+
+def test_a_parquet_cell_over_the_cap_names_its_row(tmp_path: Path) -> None:
+    p = write_parquet(tmp_path / "d.parquet", [{"text": "a"}, {"text": "b" * 2000}])
+    with pytest.raises(FormatError, match=rf"^{p}, row 1: longer than 1000 bytes"):
+        list(iter_items(p, max_line_bytes=1000))
+
+
+def test_a_huge_line_is_never_read_into_memory(tmp_path: Path) -> None:
+    """A 16 MiB line under a 256 KiB cap: the peak RSS of a child process grows by far less than the line."""
+    p = tmp_path / "huge.jsonl"
+    with open(p, "wb") as fh:
+        fh.write(b'{"text": "ok"}\n{"text": "')
+        for _ in range(16):
+            fh.write(b"z" * MIB)
+        fh.write(b'"}\n')
+    code = textwrap.dedent(f"""
+        import resource
+        from adapterbank.errors import FormatError
+        from adapterbank.prototypes.inputs import iter_items
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            list(iter_items({str(p)!r}, max_line_bytes=256 * 1024))
+        except FormatError as e:
+            print(e)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0].startswith(f"{p}, line 2: longer than 262144 bytes")
+    assert int(out[1]) < 6, f"peak RSS grew by {out[1]} MiB while refusing a 16 MiB line"
+
+
+def test_a_parquet_cell_is_capped_in_bytes_not_characters(tmp_path: Path) -> None:
+    p = write_parquet(tmp_path / "d.parquet", [{"text": "é" * 600}])  # 600 characters, 1200 bytes
+    with pytest.raises(FormatError, match=rf"^{p}, row 0: longer than 1000 bytes"):
+        list(iter_items(p, max_line_bytes=1000))

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
+from adapterbank.errors import EncoderError
 from adapterbank.prototypes import (
     DEFAULT_TEXT_ENCODER_ID,
     HFTextEncoder,
@@ -20,6 +22,7 @@ from adapterbank.prototypes import (
     load_encoder,
     model_fingerprint,
 )
+from adapterbank.prototypes.encoders import CHARS_PER_TOKEN, clip_text
 
 SENTENCES = [
     "Return the indices that would sort an array.",
@@ -77,3 +80,31 @@ def test_load_encoder_default_names(minilm: Any, monkeypatch: Any) -> None:
     for spec in ("default", "minilm", "MiniLM"):
         load_encoder(spec)
     assert made == [default_text_model_path()] * 3
+
+
+LONG = " ".join(SENTENCES * 12)  # about 700 tokens
+
+
+def test_max_length_512_reads_more_of_a_long_text_and_is_recorded(minilm: Any) -> None:
+    wide = load_encoder("default", max_length=512)
+    assert len(wide.model.tokenize([LONG])["input_ids"][0]) == 512 < len(minilm.model.tokenizer(LONG)["input_ids"])
+    assert (minilm.max_length, wide.max_length) == (256, 512)
+    assert minilm.space.max_length == 256 and wide.space.max_length == 512
+    assert wide.space != minilm.space and wide.space.key == minilm.space.key + "|max512"
+    short, long_ = compute_prototype(minilm, [LONG]), compute_prototype(wide, [LONG])
+    assert np.abs(short.vector - long_.vector).max() > 1e-3  # the tokens after 256 count
+    # a text under 256 tokens: the same numbers, in another space
+    np.testing.assert_allclose(wide.encode(SENTENCES), minilm.encode(SENTENCES), atol=1e-5, rtol=0)
+    assert load_encoder("default", max_length=100_000).max_length == 512  # capped at the position embeddings
+    with pytest.raises(EncoderError, match="max_length"):
+        load_encoder("default", max_length=0)
+
+
+def test_a_huge_text_is_cut_before_tokenising(minilm: Any) -> None:
+    """Cut at 256 × 64 characters: natural text is unchanged; words after a 20,000-space gap are not read."""
+    huge = LONG + " " + "x" * 2_000_000  # 2 MB: only the first 256 tokens count
+    np.testing.assert_array_equal(minilm.encode([huge]), minilm.encode([LONG]))
+    gap = "A cat sits on the mat." + " " * 20_000 + "Translate this legal contract into French."
+    head = "A cat sits on the mat."
+    np.testing.assert_allclose(minilm.encode([gap]), minilm.encode([head]), atol=1e-6, rtol=0)
+    assert clip_text(gap, 256) == gap[:256 * CHARS_PER_TOKEN]

@@ -12,24 +12,55 @@ Tables (``FORMAT_VERSION`` 1):
 WAL journal (readers never block the writer and see committed snapshots), ``busy_timeout`` so concurrent
 writers queue instead of failing, ``synchronous=FULL`` so an acknowledged write survives a crash, and
 ``BEGIN IMMEDIATE`` for writes so a writer takes the lock before it reads what it will change.
+
+A writer that finds the lock taken waits up to ``lock_timeout`` seconds: after one second it logs a warning
+("waiting for another writer ..."), and when the time is up it raises :class:`BankError` naming the bank,
+how long it waited and what to do. SQLite errors of a write (disk full, read-only file) become
+:class:`BankError` naming the catalog file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
+import math
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from adapterbank.errors import BankError
+from adapterbank.errors import BankError, ParameterError
 
-__all__ = ["FORMAT_VERSION", "CATALOG", "Catalog", "SCHEMA"]
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMAT_VERSION", "CATALOG", "Catalog", "SCHEMA", "DEFAULT_LOCK_TIMEOUT"]
 
 FORMAT_VERSION = 1
 CATALOG = "catalog.sqlite"
-BUSY_TIMEOUT_MS = 60_000
+#: Seconds a write waits for another process's write transaction before it gives up (``--lock-timeout``).
+DEFAULT_LOCK_TIMEOUT = 60.0
+#: Seconds of waiting after which the wait is announced (once).
+WAIT_NOTICE_S = 1.0
+_BUSY_CODES = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED
+
+
+def check_lock_timeout(value: object) -> float:
+    """``value`` as seconds if it is a finite number >= 0, else :class:`ParameterError`.
+
+    >>> check_lock_timeout(2)
+    2.0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ParameterError(f"The 'lock_timeout' parameter (--lock-timeout) must be a number of seconds >= 0. "
+                             f"Got {value!r} instead.")
+    return float(value)
+
+
+def _is_busy(e: sqlite3.OperationalError) -> bool:
+    code = getattr(e, "sqlite_errorcode", None)
+    return (code & 0xFF) in _BUSY_CODES if isinstance(code, int) else "locked" in str(e)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -88,16 +119,21 @@ class Catalog:
     1
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> None:
         self.path = path
         self.conn = conn
         self.lock = threading.RLock()
+        self.lock_timeout = check_lock_timeout(lock_timeout)
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
-                               check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    def _connect(path: Path, lock_timeout: float) -> sqlite3.Connection:
+        timeout = check_lock_timeout(lock_timeout)
+        try:
+            conn = sqlite3.connect(str(path), timeout=timeout, isolation_level=None, check_same_thread=False)
+        except sqlite3.OperationalError as e:
+            raise BankError(f"Cannot open the catalog {path}: {e}. Check that the bank folder {path.parent} "
+                            f"exists and that you may read and write it.") from None
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         return conn
 
     @staticmethod
@@ -107,8 +143,8 @@ class Catalog:
         conn.execute("PRAGMA foreign_keys = ON")
 
     @classmethod
-    def create(cls, path: Path) -> Catalog:
-        conn = cls._connect(path)
+    def create(cls, path: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Catalog:
+        conn = cls._connect(path, lock_timeout)
         try:
             cls._configure(conn)
             conn.execute("BEGIN IMMEDIATE")
@@ -120,18 +156,24 @@ class Catalog:
                              [("format_version", str(FORMAT_VERSION)), ("version", "0"), ("created", now)])
             conn.execute(f"PRAGMA user_version = {FORMAT_VERSION}")
             conn.execute("COMMIT")
+        except sqlite3.OperationalError as e:
+            conn.close()
+            raise BankError(f"Cannot create the catalog {path}: {e}; no bank was created.") from None
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        return cls(path, conn, lock_timeout)
 
     @classmethod
-    def open(cls, path: Path) -> Catalog:
-        conn = cls._connect(path)
+    def open(cls, path: Path, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Catalog:
+        conn = cls._connect(path, lock_timeout)
         try:
             try:
                 row = conn.execute("SELECT value FROM meta WHERE key = ?", ("format_version",)).fetchone()
                 uv = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            except sqlite3.OperationalError as e:  # the OS or a lock, not the catalog's content
+                raise BankError(f"Cannot read the catalog {path}: {e}. Check that you may read and write the "
+                                f"bank folder {path.parent} (SQLite keeps -wal/-shm files beside the catalog).") from e
             except sqlite3.DatabaseError as e:
                 raise BankError(f"{path} is not an adapterbank catalog ({e}).") from e
             if row is None:
@@ -145,27 +187,78 @@ class Catalog:
                     f"{path} has bank format_version {fv}, newer than this adapterbank understands "
                     f"({FORMAT_VERSION}). Upgrade adapterbank to open it."
                 )
-            cls._configure(conn)
+            try:
+                cls._configure(conn)
+            except sqlite3.OperationalError as e:
+                raise BankError(f"Cannot open the catalog {path} for writing: {e}. Check that you may write the "
+                                f"bank folder {path.parent}.") from e
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn)
+        return cls(path, conn, lock_timeout)
 
     def close(self) -> None:
         with self.lock:
             self.conn.close()
 
+    def _begin_write(self) -> None:
+        """``BEGIN IMMEDIATE``, waiting up to ``lock_timeout`` s for another writer (announced after 1 s)."""
+        t0 = time.monotonic()
+        first = min(WAIT_NOTICE_S, self.lock_timeout)
+        try:
+            for i, wait in enumerate((first, self.lock_timeout - first)):
+                if i == 1:
+                    if wait <= 0:
+                        break
+                    log.warning("waiting for another writer to finish with the bank %s (up to %.0f s more; "
+                                "--lock-timeout / lock_timeout= sets the limit)...", self.path.parent, wait)
+                self.conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+                try:
+                    self.conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as e:
+                    if not _is_busy(e):
+                        raise self._write_failed(e) from None
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {int(self.lock_timeout * 1000)}")
+        raise BankError(
+            f"The bank {self.path.parent} is locked by another writer (an add, remove or gc in another process); "
+            f"gave up after waiting {time.monotonic() - t0:.1f} s. Run again when it has finished, or wait longer "
+            f"with --lock-timeout SECONDS (lock_timeout= in Python)."
+        )
+
+    def _write_failed(self, e: sqlite3.OperationalError) -> BankError:
+        what = str(e)
+        advice = ("free some disk space" if "full" in what else
+                  "check that the catalog file and the bank folder are writable" if "readonly" in what or
+                  "read-only" in what or "unable to open" in what else "run `adapterbank verify` on the bank")
+        return BankError(f"Cannot write the catalog {self.path}: {what}; nothing was changed. {advice[0].upper()}"
+                         f"{advice[1:]} and run again.")
+
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on any exception."""
+        """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on any exception.
+
+        Waits for another process's write up to ``lock_timeout`` seconds, then raises :class:`BankError`;
+        a failed SQLite write (disk full, read-only) raises :class:`BankError` naming the catalog.
+        """
         with self.lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self._begin_write()
             try:
                 yield self.conn
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as e:
+                self._rollback()
+                raise (BankError(f"The bank {self.path.parent} stayed locked by another process for more than "
+                                 f"{self.lock_timeout:.0f} s; nothing was changed. Run again, or raise --lock-timeout.")
+                       if _is_busy(e) else self._write_failed(e)) from None
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                self._rollback()
                 raise
-            self.conn.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

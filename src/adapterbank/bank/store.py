@@ -34,11 +34,20 @@ from typing import Any
 
 import numpy as np
 
-from adapterbank._io import atomic_write, validate_file_name, validate_name
+from adapterbank._io import (
+    atomic_dir,
+    atomic_write,
+    check_output,
+    renamed_paths,
+    validate_file_name,
+    validate_name,
+    writing,
+)
 from adapterbank.bank.blobs import BlobStore, Staging
-from adapterbank.bank.catalog import CATALOG, FORMAT_VERSION, Catalog
+from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, Catalog
 from adapterbank.bank.index import MAX_K, Hit, Index, NumpyIndex, check_k
 from adapterbank.errors import (
+    AdapterbankError,
     BankError,
     BaseModelMismatchError,
     ConflictError,
@@ -63,6 +72,7 @@ MAX_TAGS = 64
 MAX_TAG_LEN = 100
 MAX_TEXT_LEN = 100_000
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+REPLACE_HINT = "pass replace=True (--replace on the command line) to replace it"
 _CARD_COLUMNS = ("id", "base_model", "format", "rank", "ranks", "targets", "source", "description", "license",
                  "tags", "created", "versions", "extra")
 
@@ -218,8 +228,8 @@ class Bank:
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path) -> Bank:
-        """Create an empty bank in ``path`` (a new or empty directory).
+    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
+        """Create an empty bank in ``path`` (a new or empty directory). ``lock_timeout``: see :meth:`open`.
 
         >>> import tempfile
         >>> Bank.init(tempfile.mkdtemp()).list()
@@ -230,16 +240,20 @@ class Bank:
             raise BankError(f"{root} is already a bank; open it with Bank.open.")
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise BankError(f"Cannot create a bank in {root}: it exists and is not an empty directory.")
-        root.mkdir(parents=True, exist_ok=True)
-        (root / BLOBS).mkdir(exist_ok=True)
-        (root / TMP).mkdir(exist_ok=True)
-        cat = Catalog.create(root / CATALOG)
+        with writing(root, what="the bank", nothing="no bank was created"):
+            root.mkdir(parents=True, exist_ok=True)
+            (root / BLOBS).mkdir(exist_ok=True)
+            (root / TMP).mkdir(exist_ok=True)
+        cat = Catalog.create(root / CATALOG, lock_timeout=lock_timeout)
         log.info("created bank at %s (format_version %d)", root, FORMAT_VERSION)
         return cls(root, cat)
 
     @classmethod
-    def open(cls, path: str | Path) -> Bank:
+    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
         """Open an existing bank; :class:`BankError` if it is missing, not a bank or of a newer format.
+
+        ``lock_timeout``: how many seconds a write (add, remove, gc, ...) waits while another process is
+        writing to the bank (a warning is logged after one second) before it fails with :class:`BankError`.
 
         >>> import tempfile
         >>> Bank.open(tempfile.mkdtemp())
@@ -252,9 +266,11 @@ class Bank:
             raise BankError(f"No bank at {root}: the directory does not exist.")
         if not (root / CATALOG).is_file():
             raise BankError(f"{root} is not a bank: it has no {CATALOG}.")
-        bank = cls(root, Catalog.open(root / CATALOG))
-        (root / BLOBS).mkdir(exist_ok=True)
-        (root / TMP).mkdir(exist_ok=True)
+        bank = cls(root, Catalog.open(root / CATALOG, lock_timeout=lock_timeout))
+        for sub in (BLOBS, TMP):
+            if not (root / sub).is_dir():
+                with writing(root, what="to the bank", nothing="the bank was not opened"):
+                    (root / sub).mkdir(exist_ok=True)
         return bank
 
     def close(self) -> None:
@@ -335,9 +351,10 @@ class Bank:
         else:
             raise FormatError(f"add() takes a path or a LoraAdapter. Got {type(source).__name__} instead.")
         if not replace and id in self:
-            raise ConflictError(f"The bank already has an adapter with id {id!r}; pass replace=True to replace it.")
+            raise ConflictError(f"The bank already has an adapter with id {id!r}; {REPLACE_HINT}.")
 
-        with self._blobs.staging() as st:
+        with writing(self.root, what="to the bank", nothing="nothing was added", hide=self.root / TMP), \
+                self._blobs.staging() as st:
             if isinstance(source, LoraAdapter):
                 bm_given = self._resolve_base_model(source.base_model, base_model, id)
                 fmt, layout, staged, adapter = self._stage_object(st, source, bm_given)
@@ -372,7 +389,7 @@ class Bank:
                 exists = c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
                 if exists and not replace:
                     raise ConflictError(
-                        f"The bank already has an adapter with id {id!r} (added concurrently); pass replace=True."
+                        f"The bank already has an adapter with id {id!r} (added concurrently); {REPLACE_HINT}."
                     )
                 for p, sha, size in staged.values():  # a concurrent gc may have removed a blob we placed
                     if not self._blobs.exists(sha, size):
@@ -414,6 +431,7 @@ class Bank:
         """Copy the adapter's original files into staging (hashing them) and parse *those* bytes."""
         from adapterbank import formats
 
+        given = src
         fmt = format
         if fmt is None:
             try:
@@ -432,8 +450,14 @@ class Bank:
             rel = _check_rel_name(rel, str(src))
             staged[rel] = st.stage_file(Path(p), f"files/{rel}")
         read_root = st.dir / "files" / (src.name if layout == "file" else "")
-        adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
-        adapter.check_finite()
+        try:
+            adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
+            adapter.check_finite()
+        except AdapterbankError as e:  # name the user's files, not our staging copy of them
+            renamed = renamed_paths(e, {read_root: given, st.dir / "files": src if layout == "dir" else src.parent})
+            if renamed is e:
+                raise
+            raise renamed from e.__cause__
         fmt = fmt or str(adapter.metadata.get("format", "kohya"))
         return fmt, layout, staged, adapter
 
@@ -556,7 +580,9 @@ class Bank:
         card = self.get(id)
         with tempfile.TemporaryDirectory(prefix="adapterbank-load-") as tmp:
             root = Path(tmp)
-            self._copy_files(card, root)
+            with writing(root, what=f"a temporary copy of adapter {id!r} to", nothing="the adapter was not loaded",
+                         hint="(TMPDIR chooses the temp folder.)"):
+                self._copy_files(card, root)
             target = root
             if card.extra.get("layout") == "file" and len(card.files) >= 1:
                 target = root / self._main_file(card)
@@ -571,13 +597,18 @@ class Bank:
         names = [n for n in card.files if n.endswith(".safetensors")] or sorted(card.files)
         return sorted(names)[0]
 
-    def export(self, id: str, out: str | Path, *, format: str | None = None) -> Path:  # noqa: A002
+    def export(self, id: str, out: str | Path, *, format: str | None = None,  # noqa: A002
+               overwrite: bool = False) -> Path:
         """Write adapter ``id`` to ``out``. ``format=None`` (or the stored format) copies the original
         files bit for bit (hash-checked); another format converts through :func:`formats.write_adapter`.
 
         A folder adapter is written into the folder ``out``; a single-file adapter is written to ``out``
         if it ends in ``.safetensors``, else into the folder ``out`` under its original name. Returns the
         path to hand to :func:`adapterbank.formats.read_adapter`.
+
+        All or nothing (a folder is written under a temp name and renamed into place; a file likewise).
+        An existing ``out`` (a file, or a non-empty folder) raises :class:`OutputExistsError` unless
+        ``overwrite=True``; a failed write raises :class:`~adapterbank.errors.OutputWriteError`.
         """
         from adapterbank import formats
 
@@ -585,33 +616,31 @@ class Bank:
         out = Path(out)
         if format is not None and format not in formats.FORMATS:
             raise UnknownNameError(f"Unknown adapter format {format!r}; valid formats are {list(formats.FORMATS)}.")
-        if format is None or format == card.format:
-            single = card.extra.get("layout") == "file" and len(card.files) == 1
-            if single and out.suffix == ".safetensors":
-                (rel, sha), = card.files.items()
-                with tempfile.TemporaryDirectory(prefix="adapterbank-export-") as tmp:
-                    self._blobs.copy_verified(sha, Path(tmp) / "f", what=f"adapter {card.id!r} (file {rel!r})")
-                    atomic_write(out, lambda fh: fh.write((Path(tmp) / "f").read_bytes()))
-                return out
-            out.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix="adapterbank-export-") as tmp:
-                self._copy_files(card, Path(tmp))
-                for rel in card.files:
-                    src = Path(tmp) / rel
-
-                    def _write(fh: Any, src: Path = src) -> None:
-                        with open(src, "rb") as fi:
-                            while chunk := fi.read(1 << 20):
-                                fh.write(chunk)
-
-                    atomic_write(out / rel, _write)
-            return out / self._main_file(card) if card.extra.get("layout") == "file" else out
-        adapter = self.load_adapter(id)
-        written = formats.write_adapter(adapter, out, format=format, base_model=card.base_model)
-        log.info("exported %s as %s to %s", id, format, out)
-        if len(written) == 1 and Path(written[0]).suffix == ".safetensors" and format == "kohya":
-            return Path(written[0])
-        return out
+        same = format is None or format == card.format
+        single = card.extra.get("layout") == "file" and len(card.files) == 1
+        if out.suffix == ".safetensors" and (single if same else format in ("kohya", "diffusers")):
+            check_output(out, overwrite=overwrite, kind="file")
+            with writing(out):
+                if same:
+                    (rel, sha), = card.files.items()
+                    with tempfile.TemporaryDirectory(prefix="adapterbank-export-") as tmp:
+                        self._blobs.copy_verified(sha, Path(tmp) / "f", what=f"adapter {card.id!r} (file {rel!r})")
+                        atomic_write(out, lambda fh: fh.write((Path(tmp) / "f").read_bytes()))
+                else:
+                    formats.write_adapter(self.load_adapter(id), out, format=format, base_model=card.base_model)
+            log.info("exported %s to %s", id, out)
+            return out
+        adapter = None if same else self.load_adapter(id)
+        with atomic_dir(out, overwrite=overwrite, what="the export") as tmp:
+            if adapter is None:
+                self._copy_files(card, tmp)
+                written = [tmp / self._main_file(card)] if card.extra.get("layout") == "file" else []
+            else:
+                written = formats.write_adapter(adapter, tmp, format=format, base_model=card.base_model)
+                if not (len(written) == 1 and Path(written[0]).suffix == ".safetensors" and format == "kohya"):
+                    written = []
+        log.info("exported %s%s to %s", id, "" if same else f" as {format}", out)
+        return out / Path(written[0]).relative_to(tmp) if written else out
 
     # -- prototypes -------------------------------------------------------------------------------
     def set_prototype(self, id: str, prototype: Prototype) -> None:  # noqa: A002

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapterbank._io import atomic_write_bytes
+from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank.compose.strategies import WeightResult, compute_weights, get_strategy
 from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError
 from adapterbank.lora import LoraAdapter, combine, truncate
@@ -154,7 +154,8 @@ class Composition:
         return {"per_module_max": r, "needed_to_serve": r,
                 "vllm_max_lora_rank": next((v for v in VLLM_MAX_LORA_RANKS if v >= r), None)}
 
-    def save(self, out: str | Path, *, format: str | None = None, merge_into: str | Path | None = None) -> Path:
+    def save(self, out: str | Path, *, format: str | None = None, merge_into: str | Path | None = None,  # noqa: A002
+             overwrite: bool = False) -> Path:
         """Write the composite adapter (``format``: peft, kohya or diffusers) and ``composition.json`` into ``out``.
 
         ``format`` ``None`` follows the sources (:func:`default_output_format`): a composite of kohya or
@@ -162,23 +163,30 @@ class Composition:
 
         With ``merge_into`` (a base model folder of safetensors), also write the full merged weights to
         ``out/merged`` by streaming the base tensor by tensor.
+
+        All or nothing: everything is written into a hidden temp folder beside ``out`` and renamed into place
+        at the end, so ``out`` never holds a composite without its ``composition.json``. An existing
+        non-empty ``out`` raises :class:`~adapterbank.errors.OutputExistsError` unless ``overwrite=True``
+        (the old content then stays until the new one is complete). A failed write raises
+        :class:`~adapterbank.errors.OutputWriteError` naming ``out``.
         """
         from adapterbank.formats import write_adapter
 
         format = default_output_format(self.source_formats, format)
         out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
         extra = {"adapterbank_composition": json.dumps({"ids": self.ids, "weights": self.weights.tolist(),
                                                          "strategy": self.strategy})}
-        write_adapter(self.adapter, out, format=format, base_model=self.adapter.base_model, extra_metadata=extra)
         recipe = self.recipe()
         recipe["output"] = {"format": format}
-        if merge_into is not None:
-            from adapterbank.merge import merge_into_files
+        with atomic_dir(out, overwrite=overwrite, what="the composite") as tmp:
+            write_adapter(self.adapter, tmp, format=format, base_model=self.adapter.base_model, extra_metadata=extra)
+            if merge_into is not None:
+                from adapterbank.merge import merge_into_files
 
-            report = merge_into_files(merge_into, self.adapter, out / "merged")
-            recipe["output"]["merged"] = {"base": str(merge_into), "report": _jsonable(report)}
-        atomic_write_bytes(out / RECIPE_FILE, json.dumps(recipe, indent=2).encode())
+                report = merge_into_files(merge_into, self.adapter, tmp / "merged")
+                report["out_dir"] = str(out / "merged")
+                recipe["output"]["merged"] = {"base": str(merge_into), "report": _jsonable(report)}
+            atomic_write_bytes(tmp / RECIPE_FILE, json.dumps(recipe, indent=2).encode())
         return out
 
 

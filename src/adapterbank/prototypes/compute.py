@@ -43,7 +43,7 @@ def _length_order(chunk: list[Any]) -> list[int]:
 
 def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, batch_size: int = 32,
                       limit: int | None = None, progress: bool = False, description: str | None = None,
-                      space: PrototypeSpace | None = None) -> Prototype:
+                      space: PrototypeSpace | None = None, max_line_bytes: int | None = None) -> Prototype:
     """The mean feature of the samples in ``source`` (Eq. 1), streamed in batches.
 
     Args:
@@ -55,8 +55,10 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
         progress: show a tqdm progress bar (on stderr).
         description: the prototype's ``source`` text (default: a short description of ``source``).
         space: when given, the encoder's space must be this one (else PrototypeSpaceError).
+        max_line_bytes: the longest line of a JSONL/CSV/TXT file (see :func:`iter_items`; default 1 MiB).
 
     Raises:
+        FormatError: a file that is not UTF-8, a line over ``max_line_bytes``, ... (names the file and line).
         EncoderError: no samples. NonFiniteError: the encoder returned NaN/Inf (names the sample).
         PrototypeSpaceError: ``space`` given and different from the encoder's.
 
@@ -100,7 +102,8 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
 
     buf: list[Any] = []  # texts waiting to be length-sorted (at most batch_size × SORT_WINDOW)
     with tqdm(total=total_hint, disable=not progress, unit="sample", desc="prototype", leave=False) as bar:
-        for batch in iter_batches(source, batch_size, column=column, limit=limit):
+        for batch in iter_batches(source, batch_size, column=column, limit=limit,
+                                  max_line_bytes=max_line_bytes):
             if all(isinstance(x, str) for x in batch):
                 buf += batch
                 if len(buf) >= batch_size * SORT_WINDOW:

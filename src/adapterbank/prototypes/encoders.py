@@ -13,6 +13,15 @@ when ``normalize`` is set, L2-normalised per sample (before the mean that :func:
 
 The space's ``encoder`` is a readable id, its ``revision`` a cheap fingerprint of the weights
 (:func:`model_fingerprint`), so two prototypes compare only when they come from the same bytes.
+
+Text encoders read at most ``max_length`` tokens of each text (the rest is cut off): 256 by default
+(:data:`DEFAULT_MAX_LENGTH`; for a sentence-transformers model, its own ``max_seq_length``), never more
+than the model's position embeddings. The value used is recorded in the space (``max_length``), so
+prototypes computed with different maximum lengths are different spaces. Before tokenising, a text is
+cut to ``max_length × CHARS_PER_TOKEN`` characters (:func:`clip_text`): tokenising a 300 MB text costs
+gigabytes and only its first ``max_length`` tokens are used. The cut changes nothing unless the first
+``max_length`` tokens of a text average more than ``CHARS_PER_TOKEN`` (64) characters each, which takes
+long runs of whitespace or single "words" hundreds of characters long.
 Nothing downloads: models load with ``local_files_only=True`` and ``HF_HUB_OFFLINE=1`` by default.
 """
 
@@ -31,7 +40,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from adapterbank.errors import EncoderError, ShapeMismatchError, UnknownNameError
-from adapterbank.prototypes.space import PrototypeSpace
+from adapterbank.prototypes.space import DEFAULT_MAX_LENGTH, PrototypeSpace
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +57,10 @@ __all__ = [
     "default_text_model_path",
     "model_fingerprint",
     "DEFAULT_TEXT_ENCODER_ID",
+    "DEFAULT_MAX_LENGTH",
+    "CHARS_PER_TOKEN",
     "WEIGHT_SUFFIXES",
+    "clip_text",
 ]
 
 DEFAULT_TEXT_ENCODER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -56,6 +68,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 TEXT_POOLINGS = ("mean", "cls", "pooler")
 VISION_POOLINGS = ("pooler", "cls", "mean")
 _MIB = 1 << 20
+CHARS_PER_TOKEN = 64
+"""A text is cut to ``max_length × CHARS_PER_TOKEN`` characters before tokenising (see the module docstring)."""
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.model", "merges.txt")
 _IMPORT_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -211,10 +225,11 @@ class _DimMixin:
     revision: str = ""
     pooling: str = ""
     normalize: bool = False
+    max_length: int | None = None  # tokens read per text; None: no token limit (images, callables)
 
     @property
     def space(self) -> PrototypeSpace:
-        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim)
+        return PrototypeSpace(self.name, self.revision, self.pooling, self.normalize, self.dim, self.max_length)
 
     def _checked(self, out: Any, n: int) -> np.ndarray:
         """``out`` as a finite (n, dim) float32 array whose dim matches earlier outputs."""
@@ -243,6 +258,45 @@ class _DimMixin:
         return self._dim
 
 
+def _check_max_length(max_length: Any, who: str) -> int:
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise EncoderError(f"The 'max_length' parameter of {who} must be a positive int. Got {max_length!r} instead.")
+    return max_length
+
+
+def _token_limit(requested: int, limits: Sequence[Any], who: str) -> int:
+    """``requested`` capped by the model's limits (position embeddings, tokenizer); logs when it is capped."""
+    usable = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1_000_000]
+    out = min([requested, *usable])
+    if out < requested:
+        logger.warning("%s: max_length %d is more than the model reads; using %d tokens.", who, requested, out)
+    return out
+
+
+def _position_limit(model: Any) -> int | None:
+    """How many token positions ``model`` has: ``max_position_embeddings``, less RoBERTa's padding offset."""
+    import torch
+
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    for module in model.modules():  # RoBERTa-style embeddings count positions from padding_idx + 1
+        pad = getattr(module, "padding_idx", None)
+        if isinstance(pad, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
+            return n - (pad + 1)
+    return n
+
+
+def clip_text(text: str, max_length: int) -> str:
+    """``text`` cut to ``max_length × CHARS_PER_TOKEN`` characters (what a ``max_length``-token encoder can use).
+
+    >>> len(clip_text("x" * 100_000, 256)), clip_text("short", 256)
+    (16384, 'short')
+    """
+    limit = max_length * CHARS_PER_TOKEN
+    return text if len(text) <= limit else text[:limit]
+
+
 def _load_hf(loader: Any, d: Path, what: str, **kw: Any) -> Any:
     _offline()
     try:
@@ -258,7 +312,9 @@ class HFTextEncoder(_DimMixin):
 
     ``pooling="mean"`` is the attention-masked mean of ``last_hidden_state`` (padding never changes a
     sample's features); ``"cls"`` takes the first token; ``"pooler"`` the model's ``pooler_output``.
-    ``normalize`` L2-normalises each sample. The model runs in eval mode, fp32, under inference_mode.
+    ``normalize`` L2-normalises each sample. ``max_length`` tokens per text are read (capped by the model's
+    position embeddings and tokenizer; recorded in the space). The model runs in eval mode, fp32, under
+    inference_mode.
 
     Example (``model_dir`` holds a saved BertModel and its tokenizer)::
 
@@ -267,15 +323,13 @@ class HFTextEncoder(_DimMixin):
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], pooling: str = "mean", normalize: bool = True,
-                 max_length: int = 256, device: str = "cpu", *, name: str | None = None) -> None:
+                 max_length: int = DEFAULT_MAX_LENGTH, device: str = "cpu", *, name: str | None = None) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
         self.model_dir = _model_dir(model_dir, "HFTextEncoder")
         self.pooling = _check_pooling(pooling, TEXT_POOLINGS, "HFTextEncoder")
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise EncoderError(
-                f"The 'max_length' parameter of HFTextEncoder must be a positive int. Got {max_length!r}.")
+        _check_max_length(max_length, "HFTextEncoder")
         self.normalize = bool(normalize)
         self.device = torch.device(device)
         self.tokenizer = _load_hf(AutoTokenizer, self.model_dir, "tokenizer")
@@ -285,10 +339,9 @@ class HFTextEncoder(_DimMixin):
                 raise EncoderError(
                     f"{self.model_dir}: the tokenizer has neither a pad nor an eos token to pad batches with.")
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        limits = [max_length, getattr(self.model.config, "max_position_embeddings", None),
-                  getattr(self.tokenizer, "model_max_length", None)]
-        self.max_length = min(int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000)
         self.name = name or _readable_id(self.model_dir, trust_config_name=True)
+        self.max_length = _token_limit(max_length, [_position_limit(self.model),
+                                                    getattr(self.tokenizer, "model_max_length", None)], self.name)
         self.revision = model_fingerprint(self.model_dir)
         self._dim = None
         logger.info("HFTextEncoder %s@%s: pooling=%s normalize=%s max_length=%d", self.name, self.revision,
@@ -302,7 +355,7 @@ class HFTextEncoder(_DimMixin):
         """
         import torch
 
-        texts = _as_texts(batch, self.name)
+        texts = _as_texts(batch, self.name, self.max_length)
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
         tok = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
@@ -327,12 +380,13 @@ class HFTextEncoder(_DimMixin):
         return self._checked(arr, len(texts))
 
 
-def _as_texts(batch: Sequence[Any], who: str) -> list[str]:
+def _as_texts(batch: Sequence[Any], who: str, max_length: int | None) -> list[str]:
+    """The batch's strings, each cut by :func:`clip_text` when the encoder has a token limit."""
     texts = list(batch)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise EncoderError(f"Text encoder {who!r} needs strings. Item {i} of the batch is {type(t).__name__}.")
-    return texts
+    return texts if max_length is None else [clip_text(t, max_length) for t in texts]
 
 
 def _st_pooling(model: Any) -> str:
@@ -356,6 +410,8 @@ class SentenceTransformerEncoder(_DimMixin):
 
     Pooling comes from the model's own Pooling module. A model that ends in a Normalize module always
     produces unit vectors, so its space records ``normalize=True`` whatever ``normalize`` says.
+    ``max_length`` (tokens per text) defaults to the model's own ``max_seq_length`` (256 for
+    all-MiniLM-L6-v2), is capped by its position embeddings, and is recorded in the space.
 
     Example::
 
@@ -364,8 +420,10 @@ class SentenceTransformerEncoder(_DimMixin):
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], normalize: bool = True, device: str = "cpu", *,
-                 name: str | None = None) -> None:
+                 name: str | None = None, max_length: int | None = None) -> None:
         _offline()
+        if max_length is not None:
+            _check_max_length(max_length, "SentenceTransformerEncoder")
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
@@ -383,14 +441,26 @@ class SentenceTransformerEncoder(_DimMixin):
         self.pooling = _st_pooling(self.model)
         self.normalize = bool(normalize) or any(type(m).__name__ == "Normalize" for m in self.model)
         self.name = name or _readable_id(self.model_dir, trust_config_name=False)
+        self.max_length = self._set_max_length(max_length)
         self.revision = model_fingerprint(self.model_dir)
         self._dim = None
-        logger.info("SentenceTransformerEncoder %s@%s: pooling=%s normalize=%s", self.name, self.revision,
-                    self.pooling, self.normalize)
+        logger.info("SentenceTransformerEncoder %s@%s: pooling=%s normalize=%s max_length=%s", self.name,
+                    self.revision, self.pooling, self.normalize, self.max_length)
+
+    def _set_max_length(self, requested: int | None) -> int | None:
+        """Set the model's ``max_seq_length`` to ``requested`` (capped by the model) and return what it reads."""
+        first = self.model[0] if len(self.model) else None
+        auto = getattr(first, "auto_model", None)
+        limits = [_position_limit(auto)] if auto is not None else []  # its tokenizer's limit is max_seq_length
+        own = self.model.max_seq_length
+        if requested is None and isinstance(own, int):
+            return own
+        self.model.max_seq_length = _token_limit(requested or DEFAULT_MAX_LENGTH, limits, self.name)
+        return int(self.model.max_seq_length)
 
     def encode(self, batch: list[Any]) -> np.ndarray:
         """Features of a list of strings, (n, dim) float32, one ``SentenceTransformer.encode`` call."""
-        texts = _as_texts(batch, self.name)
+        texts = _as_texts(batch, self.name, self.max_length)
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
         out = self.model.encode(texts, batch_size=len(texts), convert_to_numpy=True, show_progress_bar=False,
@@ -597,6 +667,12 @@ def _import_callable(spec: str) -> Callable[..., Any]:
     return obj
 
 
+def _refuse_max_length(kw: dict[str, Any], what: str) -> None:
+    if "max_length" in kw:
+        raise EncoderError(f"max_length (--max-length) applies to text encoders; the encoder {what} has no token "
+                           f"limit. Leave it out.")
+
+
 def load_encoder(spec: Any, **kw: Any) -> Encoder:
     """An encoder from a spec. Extra keyword arguments go to the encoder's constructor.
 
@@ -604,6 +680,7 @@ def load_encoder(spec: Any, **kw: Any) -> Encoder:
     a model directory (``modules.json`` → :class:`SentenceTransformerEncoder`, ``preprocessor_config.json``
     without tokenizer files → :class:`HFVisionEncoder`, else :class:`HFTextEncoder`; ``kind=`` overrides);
     a ``"module:function"`` import string or a callable (:class:`CallableEncoder`, name defaults to the spec).
+    ``max_length=N`` (tokens read per text) applies to text encoders only; None is each encoder's default.
 
     >>> enc = load_encoder("math:fabs", name="fabs", dim=1)
     >>> type(enc).__name__, enc.space.dim
@@ -615,8 +692,14 @@ def load_encoder(spec: Any, **kw: Any) -> Encoder:
     """
     expected = ("expected a model directory, 'default'/'minilm', a 'module:function' import string, a callable "
                 "or an encoder")
+    max_length = kw.pop("max_length", None)
     if is_encoder(spec):
+        if max_length is not None and getattr(spec, "max_length", None) != max_length:
+            raise EncoderError(f"load_encoder got an encoder object and max_length={max_length!r}; set the "
+                               f"maximum length when you build the encoder.")
         return spec  # type: ignore[no-any-return]
+    if max_length is not None:
+        kw["max_length"] = _check_max_length(max_length, "load_encoder")
     kind = kw.pop("kind", None)
     if kind is not None and kind not in _KINDS:
         raise UnknownNameError(f"The 'kind' parameter of load_encoder must be one of {list(_KINDS)}. Got {kind!r}.")
@@ -630,16 +713,19 @@ def load_encoder(spec: Any, **kw: Any) -> Encoder:
             if kind == "sentence-transformers":
                 return SentenceTransformerEncoder(p, **kw)
             if kind == "vision":
+                _refuse_max_length(kw, f"{s!r} (a vision model)")
                 return HFVisionEncoder(p, **kw)
             return HFTextEncoder(p, **kw)
         if p.exists():
             raise EncoderError(f"Cannot load an encoder from {s!r}: it is a file; {expected}.")
         if isinstance(spec, str) and _IMPORT_SPEC.match(s):
+            _refuse_max_length(kw, f"{s!r} (a Python callable)")
             fn = _import_callable(s)
             kw.setdefault("name", s)
             return CallableEncoder(fn, **kw)
         raise EncoderError(f"Cannot load an encoder from {s!r}: no such directory; {expected}.")
     if callable(spec):
+        _refuse_max_length(kw, f"{spec!r} (a Python callable)")
         kw.setdefault("name", getattr(spec, "__qualname__", None) or type(spec).__name__)
         return CallableEncoder(spec, **kw)
     raise EncoderError(f"Cannot load an encoder from {spec!r} ({type(spec).__name__}): {expected}.")

@@ -14,6 +14,13 @@ the columns it does have.
 | a folder | its images (.png .jpg .jpeg .bmp .webp), sorted by name, as RGB PIL images |
 | a list / iterable | its items (mappings: their text column) |
 | any other string | itself: one text (a task description) |
+
+Files must be UTF-8 (a UTF-8 BOM is allowed); bytes that are not are a :class:`FormatError` naming the
+file and the line. A line of a JSONL/CSV/TXT file may be at most ``max_line_bytes`` long
+(:data:`MAX_LINE_BYTES`, 1 MiB, unless the ``ADAPTERBANK_MAX_LINE_BYTES`` environment variable says
+otherwise); a longer line is refused with its file and line number, after reading at most that many bytes
+of it, so a huge line never fills memory. (Text encoders read only their first ``max_length`` tokens of a
+text anyway; see :mod:`adapterbank.prototypes.encoders`.) A Parquet string cell is held to the same cap.
 """
 
 from __future__ import annotations
@@ -26,9 +33,14 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapterbank.errors import EncoderError, FormatError
+from adapterbank.errors import EncoderError, FormatError, ParameterError
 
-__all__ = ["iter_batches", "iter_items", "describe_source", "TEXT_COLUMNS", "IMAGE_SUFFIXES", "DATA_SUFFIXES"]
+__all__ = ["iter_batches", "iter_items", "describe_source", "TEXT_COLUMNS", "IMAGE_SUFFIXES", "DATA_SUFFIXES",
+           "MAX_LINE_BYTES", "max_line_bytes_default"]
+
+MAX_LINE_BYTES = 1 << 20
+"""Longest line (in bytes) of a JSONL/CSV/TXT input, and longest Parquet text cell, unless overridden."""
+MAX_LINE_BYTES_ENV = "ADAPTERBANK_MAX_LINE_BYTES"
 
 TEXT_COLUMNS = ("text", "prompt", "sentence", "input", "question")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -57,6 +69,58 @@ def _check_value(v: Any, col: str, where: str) -> Any:
     return v
 
 
+def max_line_bytes_default() -> int:
+    """:data:`MAX_LINE_BYTES`, or the positive integer in the ``ADAPTERBANK_MAX_LINE_BYTES`` environment variable."""
+    raw = os.environ.get(MAX_LINE_BYTES_ENV)
+    if raw is None or not raw.strip():
+        return MAX_LINE_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ParameterError(f"The {MAX_LINE_BYTES_ENV} environment variable must be a positive integer (bytes). "
+                             f"Got {raw!r} instead.")
+    return value
+
+
+def _check_cap(max_line_bytes: int | None) -> int:
+    if max_line_bytes is None:
+        return max_line_bytes_default()
+    if not isinstance(max_line_bytes, int) or isinstance(max_line_bytes, bool) or max_line_bytes <= 0:
+        raise ParameterError(f"The 'max_line_bytes' parameter must be a positive int or None. "
+                             f"Got {max_line_bytes!r} instead.")
+    return max_line_bytes
+
+
+def _too_long(where: str, cap: int) -> FormatError:
+    return FormatError(f"{where}: longer than {cap} bytes, the cap on one line or text. Shorten or split it "
+                       f"(text encoders read only their first max_length tokens), or raise the cap with "
+                       f"max_line_bytes= or the {MAX_LINE_BYTES_ENV} environment variable.")
+
+
+def _lines(path: Path, cap: int) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) of a UTF-8 file, streamed; never holds more than ``cap`` + 1 bytes of a line.
+
+    Raises FormatError naming the file and line for a line over ``cap`` bytes (its end of line not counted)
+    or bytes that are not UTF-8.
+    """
+    with open(path, "rb") as fh:
+        lineno = 0
+        while raw := fh.readline(cap + 3):  # + "\r\n" and one byte to tell "too long"
+            lineno += 1
+            body = raw.rstrip(b"\r\n")
+            if len(body) > cap or (len(raw) == cap + 3 and not raw.endswith(b"\n")):
+                raise _too_long(f"{path}, line {lineno}", cap)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise FormatError(f"{path}, line {lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                  f"{e.start + 1}). Save the file as UTF-8.") from e
+
+
 def _looks_like_path(s: str) -> bool:
     """A string with no whitespace that has a path separator or a data/image suffix."""
     if not s or any(c.isspace() for c in s):
@@ -64,48 +128,51 @@ def _looks_like_path(s: str) -> bool:
     return os.sep in s or "/" in s or s.lower().endswith(DATA_SUFFIXES + IMAGE_SUFFIXES)
 
 
-def _jsonl_items(path: Path, column: str | None) -> Iterator[Any]:
+def _jsonl_items(path: Path, column: str | None, cap: int) -> Iterator[Any]:
     col: str | None = None
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise FormatError(f"{where}: not valid JSON ({e}).") from e
-            if isinstance(rec, str) and column is None:
-                yield rec
-                continue
-            if not isinstance(rec, dict):
-                raise FormatError(f"{where}: expected a JSON object (or a string). Got {type(rec).__name__}.")
-            if col is None:
-                col = _pick_column(list(rec), column, where)
-            if col not in rec:
-                raise FormatError(f"{where}: no column {col!r}. It has columns {list(rec)}.")
-            yield _check_value(rec[col], col, where)
+    for lineno, line in _lines(path, cap):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            raise FormatError(f"{where}: not valid JSON ({e}).") from e
+        if isinstance(rec, str) and column is None:
+            yield rec
+            continue
+        if not isinstance(rec, dict):
+            raise FormatError(f"{where}: expected a JSON object (or a string). Got {type(rec).__name__}.")
+        if col is None:
+            col = _pick_column(list(rec), column, where)
+        if col not in rec:
+            raise FormatError(f"{where}: no column {col!r}. It has columns {list(rec)}.")
+        yield _check_value(rec[col], col, where)
 
 
-def _csv_items(path: Path, column: str | None) -> Iterator[Any]:
+def _csv_items(path: Path, column: str | None, cap: int) -> Iterator[Any]:
     delim = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter=delim)
-        try:
-            header = reader.fieldnames
-        except csv.Error as e:
-            raise FormatError(f"{path}: not a valid CSV header ({e}).") from e
-        if not header:
-            return
-        col = _pick_column(list(header), column, str(path))
-        try:
-            for row in reader:
-                yield _check_value(row.get(col), col, f"{path}, line {reader.line_num}")
-        except csv.Error as e:
-            raise FormatError(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from e
+    reader = csv.DictReader((line for _, line in _lines(path, cap)), delimiter=delim)
+    csv.field_size_limit(max(csv.field_size_limit(), cap))  # only ever raised: the default 128 KiB < the cap
+    try:
+        header = reader.fieldnames
+    except csv.Error as e:
+        raise FormatError(f"{path}: not a valid CSV header ({e}).") from e
+    if not header:
+        return
+    col = _pick_column(list(header), column, str(path))
+    try:
+        for row in reader:
+            where = f"{path}, line {reader.line_num}"
+            v = _check_value(row.get(col), col, where)
+            if isinstance(v, str) and len(v) > cap:  # a quoted field over many lines
+                raise _too_long(where, cap)
+            yield v
+    except csv.Error as e:
+        raise FormatError(f"{path}, line {reader.line_num}: not valid CSV ({e}).") from e
 
 
-def _parquet_items(path: Path, column: str | None, read_rows: int) -> Iterator[Any]:
+def _parquet_items(path: Path, column: str | None, read_rows: int, cap: int) -> Iterator[Any]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -115,16 +182,20 @@ def _parquet_items(path: Path, column: str | None, read_rows: int) -> Iterator[A
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a bad file
         raise FormatError(f"{path}: not a valid Parquet file ({e}).") from e
     col = _pick_column(list(pf.schema_arrow.names), column, str(path))
+    row = 0
     for rb in pf.iter_batches(batch_size=max(1, read_rows), columns=[col]):
         for v in rb.column(0).to_pylist():
-            yield _check_value(v, col, str(path))
+            where = f"{path}, row {row}"
+            if isinstance(v, str) and len(v) > cap // 4 and len(v.encode("utf-8")) > cap:  # ≤ 4 bytes a char
+                raise _too_long(where, cap)
+            yield _check_value(v, col, where)
+            row += 1
 
 
-def _txt_items(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield line.rstrip("\r\n")
+def _txt_items(path: Path, cap: int) -> Iterator[str]:
+    for _, line in _lines(path, cap):
+        if line.strip():
+            yield line.rstrip("\r\n")
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -157,16 +228,16 @@ def _record_items(items: Iterable[Any], column: str | None) -> Iterator[Any]:
             yield x
 
 
-def _file_items(path: Path, column: str | None, read_rows: int) -> Iterator[Any]:
+def _file_items(path: Path, column: str | None, read_rows: int, cap: int) -> Iterator[Any]:
     suf = path.suffix.lower()
     if suf in _JSONL:
-        return _jsonl_items(path, column)
+        return _jsonl_items(path, column, cap)
     if suf in _CSV:
-        return _csv_items(path, column)
+        return _csv_items(path, column, cap)
     if suf in _PARQUET:
-        return _parquet_items(path, column, read_rows)
+        return _parquet_items(path, column, read_rows, cap)
     if suf in _TXT:
-        return _txt_items(path)
+        return _txt_items(path, cap)
     if suf in IMAGE_SUFFIXES:
         return _image_items_one(path)
     raise FormatError(f"{path}: unknown input file type {suf!r}; expected one of "
@@ -183,8 +254,12 @@ def _image_items_one(path: Path) -> Iterator[Any]:
         raise FormatError(f"{path}: not a readable image ({e}).") from e
 
 
-def iter_items(source: Any, *, column: str | None = None, read_rows: int = 1024) -> Iterator[Any]:
+def iter_items(source: Any, *, column: str | None = None, read_rows: int = 1024,
+               max_line_bytes: int | None = None) -> Iterator[Any]:
     """The items of ``source`` one at a time (see the module docstring for what a source can be).
+
+    ``max_line_bytes`` caps one line of a JSONL/CSV/TXT file (and one Parquet text cell); None means
+    :func:`max_line_bytes_default` (1 MiB unless ``ADAPTERBANK_MAX_LINE_BYTES`` is set).
 
     >>> list(iter_items([{"text": "a"}, {"text": "b"}]))
     ['a', 'b']
@@ -196,7 +271,7 @@ def iter_items(source: Any, *, column: str | None = None, read_rows: int = 1024)
         if p.is_dir():
             return _image_items(p)
         if p.is_file():
-            return _file_items(p, column, read_rows)
+            return _file_items(p, column, read_rows, _check_cap(max_line_bytes))
         if isinstance(source, str) and not _looks_like_path(source):
             if not source.strip():
                 return iter(())
@@ -220,9 +295,11 @@ def iter_items(source: Any, *, column: str | None = None, read_rows: int = 1024)
                       "a folder of images, a list or iterable of items, or a text description.")
 
 
-def iter_batches(source: Any, batch_size: int, *, column: str | None = None,
-                 limit: int | None = None) -> Iterator[list[Any]]:
+def iter_batches(source: Any, batch_size: int, *, column: str | None = None, limit: int | None = None,
+                 max_line_bytes: int | None = None) -> Iterator[list[Any]]:
     """Lists of at most ``batch_size`` items from ``source``, streamed; at most ``limit`` items in all.
+
+    ``max_line_bytes``: as in :func:`iter_items`.
 
     >>> list(iter_batches(["a", "b", "c", "d", "e"], 2, limit=3))
     [['a', 'b'], ['c']]
@@ -231,7 +308,7 @@ def iter_batches(source: Any, batch_size: int, *, column: str | None = None,
         raise EncoderError(f"The 'batch_size' parameter of iter_batches must be a positive int. Got {batch_size!r}.")
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
         raise EncoderError(f"The 'limit' parameter of iter_batches must be a non-negative int or None. Got {limit!r}.")
-    items = iter_items(source, column=column, read_rows=batch_size)
+    items = iter_items(source, column=column, read_rows=batch_size, max_line_bytes=max_line_bytes)
     if limit is not None:
         items = itertools.islice(items, limit)
     while batch := list(itertools.islice(items, batch_size)):
