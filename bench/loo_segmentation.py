@@ -554,7 +554,6 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported b
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine, quiet_logging  # noqa: E402
 
-ABLATION_METHODS = ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")  # the ablation table's columns
 QUAL_COLS = ["input", "ground truth", "pretrained", "sft", "nearest", "avg", "lin", "sparse"]  # Figure 3's columns
 
 
@@ -819,6 +818,8 @@ def stage_extra_sections(res: Any, ablations: dict[str, tuple[str, Any]], traine
                          sites: dict[str, dict[str, Split]], clean: dict[str, Split], enc: Any, enc2: Any,
                          cfg: dict[str, Any], out: Path, t_eval: float, t_abl: float) -> Path:
     """5b. The seed-appendix plots and sections, appended to results.md and index.html: results.md's path."""
+    from adapterbank.evaluate.results import display_name
+
     names = app.names
     pre_info, train_info = trained.pre_info, trained.train_info
     plots = out / "plots"
@@ -878,10 +879,10 @@ def stage_extra_sections(res: Any, ablations: dict[str, tuple[str, Any]], traine
         "## Ablations", "",
         ("Mean Dice over targets (main table first). Each ablation has its own report in `ablation_*/`. "
         f"All-layer space: `{enc2.space.key}`."), "",
-        "| setting | Pre-trained | SFT | Nearest | Avg | Sim | Lin | Sparse |", "|:---|" + "---:|" * 7,
+        "| setting | " + " | ".join(map(display_name, res.methods)) + " |", "|:---|" + "---:|" * len(res.methods),
         *[f"| {label} | " + " | ".join(
             f"{np.mean([r.table('dice')[t][m] for t in names]):.4f}"
-            for m in ABLATION_METHODS) + " |"
+            for m in res.methods) + " |"
           for label, r in [("main (last-layer prototypes, target excluded)", res)]
           + [(d, r) for d, r in ablations.values()]],
         "",

@@ -257,7 +257,11 @@ def check_cache_exact(scorer: Any, texts: list[str]) -> float:
 
 # ----- paired statistics -------------------------------------------------------------------------
 
-PAIRED_METHODS = ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")
+def paired_methods() -> tuple[str, ...]:
+    """The baselines and every strategy of the table, in column order."""
+    from adapterbank.evaluate.results import method_order
+
+    return method_order()
 
 
 def paired_bootstrap(bank: Any, scorer: Any, tasks: dict[str, dict[str, list[str]]], k: int, n_boot: int = 10_000,
@@ -266,11 +270,12 @@ def paired_bootstrap(bank: Any, scorer: Any, tasks: dict[str, dict[str, list[str
     intervals of mean(Sparse − X) over all test queries, resampled within each target."""
     from adapterbank.compose import compose
 
+    methods = paired_methods()
     rr: dict[str, dict[str, np.ndarray]] = {}
     for t, task in tasks.items():
         p_t = bank.get_prototype(t)
         rr[t] = {}
-        for m in PAIRED_METHODS:
+        for m in methods:
             if m == "pretrained":
                 ad = None
             elif m == "sft":
@@ -282,9 +287,9 @@ def paired_bootstrap(bank: Any, scorer: Any, tasks: dict[str, dict[str, list[str
     rng = np.random.default_rng(seed)
     idx = {t: rng.integers(0, len(v["sparse"]), size=(n_boot, len(v["sparse"]))) for t, v in rr.items()}
     out: dict[str, Any] = {"n_queries": int(sum(len(v["sparse"]) for v in rr.values())), "n_boot": n_boot,
-                           "mean": {m: float(np.mean(np.concatenate([rr[t][m] for t in rr]))) for m in PAIRED_METHODS},
+                           "mean": {m: float(np.mean(np.concatenate([rr[t][m] for t in rr]))) for m in methods},
                            "sparse_minus": {}}
-    for m in PAIRED_METHODS:
+    for m in methods:
         if m == "sparse":
             continue
         diffs = {t: rr[t]["sparse"] - rr[t][m] for t in rr}  # (n,) per target

@@ -178,6 +178,33 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 _python_showwarning = warnings.showwarning
 
 
+_PARAM_HELP = ("Strategy parameter NAME=VALUE (repeatable), checked against the strategy table, e.g. "
+               "--param lam_rel=0.5; STRATEGY.NAME=VALUE for one strategy, e.g. --param sim.tau_rel=2.")
+_PLUGIN_HELP = ("module:function (or file.py:function) called before anything else, e.g. to register_strategy() "
+                "your own strategy (repeatable).")
+
+
+def _strategy_params(plugins: list[str] | None, specs: list[str] | None, strategies: list[str] | str,
+                     legacy: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """Run the --strategy-plugin hooks, then ({strategies}, {strategy: {param: value}}) from --param and the
+    older per-parameter flags (``legacy``); a parameter given both ways is refused."""
+    from adapterbank.compose.strategies import STRATEGIES, parse_param_specs
+    from adapterbank.errors import ParameterError
+    from adapterbank.evaluate.evaluator import load_callable
+
+    for spec in plugins or []:
+        load_callable(spec, "strategy plugin")()
+    names = list(STRATEGIES) if strategies == "all" else list(strategies)
+    params = parse_param_specs(specs or [], names)
+    for strat, vals in legacy.items():
+        for name, value in vals.items():
+            if name in params.get(strat, {}):
+                raise ParameterError(f"The '{name}' parameter of {strat} is given twice (--param and "
+                                     f"--{name.replace('_', '-')}). Give it once.")
+            params.setdefault(strat, {})[name] = value
+    return names, params
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 @app.command()
@@ -340,7 +367,10 @@ def compose_cmd(
     description: Optional[str] = typer.Option(None, help="Text description of the target task."),
     prototype: Optional[Path] = typer.Option(None, help="A target prototype .npy."),
     k: int = typer.Option(5, "-k", help="How many adapters to retrieve."),
-    strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse or nearest."),
+    strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse, nearest or one a --strategy-plugin "
+                                 "registers (adapterbank.compose.STRATEGIES)."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help=_PARAM_HELP),
+    strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=_PLUGIN_HELP),
     lam: Optional[float] = typer.Option(None, help="Sparse: absolute λ (default: scale-free, see --lam-rel)."),
     lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
     tau: Optional[float] = typer.Option(None, help="Sim: absolute temperature τ."),
@@ -366,10 +396,12 @@ def compose_cmd(
     from adapterbank.compose import RECIPE_FILE, compose
     from adapterbank.compose.compose import default_output_format
 
+    legacy = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
+    _, by_strategy = _strategy_params(strategy_plugin, param, [strategy], {strategy: legacy} if legacy else {})
+    params = by_strategy.get(strategy, {})
     b = _open(bank)
     _local(merge_into, "--merge-into")
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
-    params = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
                    exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
                    lambda_path=lambda_path)
@@ -403,6 +435,8 @@ def evaluate_cmd(
     sweep_lam: Optional[str] = typer.Option(None, help="Extra λ_rel values for sparse, e.g. '0.01,0.1,1'."),
     lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
     tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
+    param: Optional[list[str]] = typer.Option(None, "--param", help=_PARAM_HELP),
+    strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=_PLUGIN_HELP),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: OUT/.cache); a rerun computes only what changed."),
     lower_is_better: Optional[str] = typer.Option(None, help="Comma-separated metrics where lower is better."),
     plots: bool = typer.Option(True, help="Write PNG plots."),
@@ -417,16 +451,19 @@ def evaluate_cmd(
     from adapterbank.evaluate.report import score_rows
     from adapterbank.evaluate.results import display_name
 
-    params: dict[str, dict[str, float]] = {}
+    from adapterbank.evaluate.cli_support import parse_strategies
+
+    legacy: dict[str, dict[str, float]] = {}
     if lam_rel is not None:
-        params["sparse"] = {"lam_rel": lam_rel}
+        legacy["sparse"] = {"lam_rel": lam_rel}
     if tau_rel is not None:
-        params["sim"] = {"tau_rel": tau_rel}
+        legacy["sim"] = {"tau_rel": tau_rel}
+    strats, params = _strategy_params(strategy_plugin, param, parse_strategies(strategies), legacy)
     low = _csv(lower_is_better)
     if include_self and target_prototypes is None:
         err.print("[yellow]note:[/yellow] with --include-self and no --target-prototypes each target's own adapter "
                   "is at distance 0 from its bank prototype, so Nearest, Lin and Sparse give it all the weight.")
-    path = run_evaluate(bank, evaluator, strategies, k, out, include_self, sweep_k, sweep_lam,
+    path = run_evaluate(bank, evaluator, strats, k, out, include_self, sweep_k, sweep_lam,
                         cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
                         params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes)
     res = load_results(path / "results.json")

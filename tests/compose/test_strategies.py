@@ -8,14 +8,20 @@ import pytest
 from adapterbank.compose.solvers import solve_lin, solve_sparse
 from adapterbank.compose.strategies import (
     DEFAULT_LAM_REL,
+    DEFAULT_TAU_REL,
     STRATEGIES,
+    Param,
     Strategy,
     WeightResult,
+    avg,
     compute_weights,
     distances,
     get_strategy,
+    parse_param_specs,
+    register_strategy,
+    unregister_strategy,
 )
-from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
+from adapterbank.errors import NonFiniteError, ParameterError, ShapeMismatchError, UnknownNameError
 
 # strategies whose weights do not change when target and prototypes are scaled/translated together
 SCALE_FREE = {"avg", "sim", "lin", "sparse", "nearest"}
@@ -28,9 +34,29 @@ def problem(k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_registry_is_exactly_the_five_strategies() -> None:
     assert list(STRATEGIES) == ["avg", "sim", "lin", "sparse", "nearest"]
-    for name, s in STRATEGIES.items():
-        assert isinstance(s, Strategy) and s.name == name
-        assert s.description and s.reference and callable(s.fn)
+    assert {n: s.display for n, s in STRATEGIES.items()} == {
+        "avg": "Avg", "sim": "Sim", "lin": "Lin", "sparse": "Sparse", "nearest": "Nearest"}
+    assert get_strategy("sim").param_names == ("tau", "tau_rel")
+    assert get_strategy("sparse").param("lam_rel").default == DEFAULT_LAM_REL
+    assert get_strategy("sim").param("tau_rel").default == DEFAULT_TAU_REL
+    assert [n for n, s in STRATEGIES.items() if not s.depends_on_k] == ["nearest"]
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES.values()), ids=list(STRATEGIES))
+def test_table_row_contract(strategy: Strategy) -> None:
+    """Every row of the registry is complete, and every parameter's default passes its own constraint and runs."""
+    assert isinstance(strategy, Strategy) and STRATEGIES[strategy.name] is strategy
+    assert strategy.display and strategy.description and strategy.reference and callable(strategy.fn)
+    t, P = problem(4, 3, 5)
+    for p in strategy.params:
+        assert isinstance(p, Param) and p.kind == "number" and p.description
+        if p.default is not None:
+            assert p.check(strategy.name, p.default) == p.default
+            res = compute_weights(strategy.name, t, P, **{p.name: p.default})
+            assert res.params[p.name] == pytest.approx(p.default)
+        if p.low is not None:  # just below the lower bound is refused with the house message
+            with pytest.raises(ParameterError, match=f"The '{p.name}' parameter of {strategy.name} must be"):
+                p.check(strategy.name, p.low - 1.0)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -49,6 +75,74 @@ def test_strategy_contract(name: str, k: int, d: int) -> None:
         for a, b in ((1e-3, 0.0), (1e4, 0.0), (1.0, 50.0)):
             scaled = compute_weights(name, a * t + b, a * P + b)
             np.testing.assert_allclose(scaled.weights, res.weights, atol=1e-7, err_msg=f"{name} a={a} b={b}")
+
+
+def _first(target: np.ndarray, prototypes: np.ndarray, share: float = 1.0) -> WeightResult:
+    """All weight on the first retrieved prototype, or ``share`` of it with the rest spread evenly."""
+    k = prototypes.shape[0]
+    w = np.full(k, (1.0 - share) / max(k - 1, 1)) if k > 1 else np.ones(1)
+    w[0] = share if k > 1 else 1.0
+    return WeightResult(w, {"share": float(share)})
+
+
+def test_register_and_unregister_a_strategy() -> None:
+    row = Strategy("first", _first, "First", "weight on the first hit", "a test",
+                   (Param("share", "number", 0.0, 1.0, 1.0, "weight of the first hit"),))
+    assert register_strategy(row) is row
+    try:
+        assert list(STRATEGIES)[-1] == "first" and get_strategy("first") is row
+        t, P = problem(4, 3, 0)
+        assert compute_weights("first", t, P, share=0.7).weights.tolist()[0] == pytest.approx(0.7)
+        with pytest.raises(ParameterError, match="already registered"):
+            register_strategy(row)
+        register_strategy(row, replace=True)
+        assert parse_param_specs(["share=0.5"], ["avg", "first"]) == {"first": {"share": 0.5}}
+        with pytest.raises(ParameterError, match="The 'share' parameter of first must be ≥ 0 and ≤ 1. Got '2' instead."):
+            parse_param_specs(["first.share=2"], ["first"])
+    finally:
+        unregister_strategy("first")
+    assert "first" not in STRATEGIES
+    with pytest.raises(UnknownNameError, match="Valid strategies: avg, sim, lin, sparse, nearest"):
+        get_strategy("first")
+
+
+def test_registration_refuses_builtins_reserved_names_and_bad_rows() -> None:
+    with pytest.raises(ParameterError, match="built-in"):
+        register_strategy(Strategy("avg", avg, "Avg", "again", "x"), replace=True)
+    with pytest.raises(ParameterError, match="built-in"):
+        unregister_strategy("sparse")
+    for bad in ("all", "sft", "pretrained", "my.strategy", "a,b", ""):
+        with pytest.raises(ParameterError, match="must be a Python identifier"):
+            register_strategy(Strategy(bad, avg, "X", "x", "x"))
+    with pytest.raises(ParameterError, match="kind 'number'"):
+        register_strategy(Strategy("mine", avg, "Mine", "x", "x", (Param("p", "text", None, None, None, "x"),)))
+    with pytest.raises(ParameterError, match="The 'p' parameter of mine must be > 0"):
+        register_strategy(Strategy("mine", avg, "Mine", "x", "x", (Param("p", "number", 0.0, None, 0.0, "x", True),)))
+    with pytest.raises(TypeError):
+        register_strategy("mine")  # type: ignore[arg-type]
+    assert "mine" not in STRATEGIES
+
+
+def test_parse_param_specs() -> None:
+    assert parse_param_specs([], ["avg"]) == {}
+    assert parse_param_specs(["lam_rel=0.5", "sim.tau_rel=2", "tau=3"], ["sim", "sparse"]) == {
+        "sparse": {"lam_rel": 0.5}, "sim": {"tau_rel": 2.0, "tau": 3.0}}
+    with pytest.raises(UnknownNameError, match="no strategy among avg, lin has a parameter 'lam_rel'. Valid "
+                                               "parameters: none"):
+        parse_param_specs(["lam_rel=0.5"], ["avg", "lin"])
+    with pytest.raises(UnknownNameError, match="Valid parameters: lam, lam_rel"):
+        parse_param_specs(["sparse.lambda=0.5"], ["sparse"])
+    with pytest.raises(UnknownNameError, match="Valid strategies"):
+        parse_param_specs(["magic.x=1"], ["sparse"])
+    with pytest.raises(ParameterError, match="not among the strategies run"):
+        parse_param_specs(["sim.tau=1"], ["sparse"])
+    for bad in ("lam_rel", "lam_rel=", "=3"):
+        with pytest.raises(ParameterError, match="NAME=VALUE"):
+            parse_param_specs([bad], ["sparse"])
+    with pytest.raises(ParameterError, match="must be a number. Got 'big' instead"):
+        parse_param_specs(["lam_rel=big"], ["sparse"])
+    with pytest.raises(NonFiniteError):
+        parse_param_specs(["tau=nan"], ["sim"])
 
 
 def test_unknown_strategy_lists_valid_names() -> None:

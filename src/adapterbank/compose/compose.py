@@ -19,8 +19,8 @@ import numpy as np
 
 from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank._versions import versions
-from adapterbank.compose.strategies import STRATEGIES, WeightResult, compute_weights
-from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError, UnknownNameError
+from adapterbank.compose.strategies import WeightResult, compute_weights, get_strategy
+from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError
 from adapterbank.formats import FORMATS
 from adapterbank.lora import LoraAdapter, combine, truncate
 from adapterbank.prototypes.space import Prototype
@@ -206,8 +206,7 @@ def compose(
         comp = compose(bank, target, k=5, strategy="sparse")
         comp.save("./composite")
     """
-    if strategy not in STRATEGIES:
-        raise UnknownNameError(f"Unknown strategy {strategy!r}. Valid strategies: {', '.join(STRATEGIES)}.")
+    get_strategy(strategy)  # an unknown name fails before any file is read
     if not isinstance(target, Prototype):
         raise TypeError(f"compose() needs a Prototype as target. Got {type(target).__name__} instead.")
     if not isinstance(k, int) or k <= 0:

@@ -19,21 +19,30 @@ distances are 0): τ = τ_rel·d_med, λ = λ_rel·d_med. Scaling the target and
 factor, or translating them together, then leaves every weight unchanged. An absolute ``tau``/``lam``
 may be given instead (then scale-dependent). The effective values are returned in
 ``WeightResult.params``.
+
+:data:`STRATEGIES` is the only list of strategies: each :class:`Strategy` row carries the name, the column
+title, the parameters (:class:`Param`: kind, bounds, default, description) and the reference, and the
+harness's default list, the score tables' columns, the CLI's ``--param NAME=VALUE`` and ``compose()``'s
+lookup (:func:`get_strategy`) all read it. :func:`register_strategy` adds a row at run time::
+
+    register_strategy(Strategy("mine", my_fn, "Mine", "my weighting", "my paper", (Param("alpha", ...),)))
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from adapterbank.compose.solvers import ParameterError, check_problem, lambda_max, solve_lin, solve_sparse
 from adapterbank.errors import NonFiniteError, SolverError, UnknownNameError
 
-__all__ = ["WeightResult", "Strategy", "STRATEGIES", "get_strategy", "compute_weights", "distances",
-           "distance_scale", "DEFAULT_TAU_REL", "DEFAULT_LAM_REL"]
+__all__ = ["WeightResult", "Param", "Strategy", "STRATEGIES", "get_strategy", "register_strategy",
+           "unregister_strategy", "parse_param_specs", "compute_weights", "distances", "distance_scale",
+           "DEFAULT_TAU_REL", "DEFAULT_LAM_REL"]
 
 DEFAULT_TAU_REL = 1.0
 DEFAULT_LAM_REL = 0.1
@@ -50,14 +59,75 @@ class WeightResult:
 
 
 @dataclass(frozen=True)
+class Param:
+    """One parameter of a strategy, its constraint as data: a ``kind`` (only ``"number"`` for now) in
+    ``[low, high]`` (``low`` excluded when ``low_open``), its ``default`` (``None``: derived, see the description).
+
+    >>> Param("tau", "number", 0.0, None, None, "absolute temperature", low_open=True).check("sim", "2")
+    2.0
+    >>> Param("lam", "number", 0.0, None, None, "absolute λ").check("sparse", -1)
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.ParameterError: The 'lam' parameter of sparse must be ≥ 0. Got -1 instead.
+    """
+
+    name: str
+    kind: str
+    low: float | None
+    high: float | None
+    default: float | None
+    description: str
+    low_open: bool = False
+
+    def check(self, strategy: str, value: Any) -> float:
+        """``value`` as a float within this parameter's bounds; else ParameterError/NonFiniteError naming both."""
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ParameterError(f"The '{self.name}' parameter of {strategy} must be a number. "
+                                 f"Got {value!r} instead.") from None
+        if not math.isfinite(v):
+            raise NonFiniteError(f"The '{self.name}' parameter of {strategy} must be finite. Got {value!r} instead.")
+        below = self.low is not None and (v < self.low or (v == self.low and self.low_open))
+        above = self.high is not None and v > self.high
+        if below or above:
+            parts = []
+            if self.low is not None:
+                parts.append(f"{'>' if self.low_open else '≥'} {self.low:g}")
+            if self.high is not None:
+                parts.append(f"≤ {self.high:g}")
+            raise ParameterError(f"The '{self.name}' parameter of {strategy} must be {' and '.join(parts)}. "
+                                 f"Got {value!r} instead.")
+        return v
+
+
+@dataclass(frozen=True)
 class Strategy:
-    """One row of :data:`STRATEGIES`: a name, the pure function, what it does and where it is from."""
+    """One row of :data:`STRATEGIES`: a name, the pure function, its column title, what it does, where it is
+    from, its parameters, its place among the score tables' columns (``order``; ties: registration order) and
+    whether its weights depend on k (``False``: left out of the score-vs-k sweep)."""
 
     name: str
     fn: Callable[..., WeightResult]
+    display: str
     description: str
     reference: str
-    params: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
+    order: int = 100
+    depends_on_k: bool = True
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        """The names of :attr:`params`, in table order."""
+        return tuple(p.name for p in self.params)
+
+    def param(self, name: str) -> Param:
+        """The parameter called ``name``; an unknown name raises an error listing the valid ones."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        valid = ", ".join(self.param_names) if self.params else "none"
+        raise UnknownNameError(f"Unknown parameter {name!r} for strategy {self.name!r}. Valid parameters: {valid}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,30 +158,26 @@ def distance_scale(d: np.ndarray) -> float:
     return mean if mean > 0 else 1.0
 
 
-def _positive(name: str, strategy: str, value: float, allow_zero: bool) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ParameterError(f"The '{name}' parameter of {strategy} must be a number. Got {value!r} instead.") from None
-    if not math.isfinite(v):
-        raise NonFiniteError(f"The '{name}' parameter of {strategy} must be finite. Got {value!r} instead.")
-    if v < 0 or (v == 0 and not allow_zero):
-        rel = "≥ 0" if allow_zero else "> 0"
-        raise ParameterError(f"The '{name}' parameter of {strategy} must be {rel}. Got {value!r} instead.")
-    return v
-
-
-def _resolve(strategy: str, abs_name: str, rel_name: str, abs_value: float | None, rel_value: float | None,
-             default_rel: float, scale: float, allow_zero: bool) -> tuple[float, float]:
-    """(absolute, relative) value of τ or λ from whichever of the two was given."""
+def _resolve(strategy: str, abs_param: Param, rel_param: Param, abs_value: float | None, rel_value: float | None,
+             scale: float) -> tuple[float, float]:
+    """(absolute, relative) value of τ or λ from whichever of the two was given (else the relative default)."""
     if abs_value is not None and rel_value is not None:
-        raise ParameterError(f"Give either '{abs_name}' or '{rel_name}' to {strategy}, not both. "
-                             f"Got {abs_name}={abs_value!r} and {rel_name}={rel_value!r}.")
+        raise ParameterError(f"Give either '{abs_param.name}' or '{rel_param.name}' to {strategy}, not both. "
+                             f"Got {abs_param.name}={abs_value!r} and {rel_param.name}={rel_value!r}.")
     if abs_value is not None:
-        a = _positive(abs_name, strategy, abs_value, allow_zero)
+        a = abs_param.check(strategy, abs_value)
         return a, a / scale
-    r = _positive(rel_name, strategy, default_rel if rel_value is None else rel_value, allow_zero)
+    r = rel_param.check(strategy, rel_param.default if rel_value is None else rel_value)
     return r * scale, r
+
+
+_TAU = Param("tau", "number", 0.0, None, None, "Sim: absolute temperature τ (default: tau_rel · median distance).",
+             low_open=True)
+_TAU_REL = Param("tau_rel", "number", 0.0, None, DEFAULT_TAU_REL, "Sim: τ relative to the median squared distance.",
+                 low_open=True)
+_LAM = Param("lam", "number", 0.0, None, None, "Sparse: absolute λ (default: lam_rel · median distance).")
+_LAM_REL = Param("lam_rel", "number", 0.0, None, DEFAULT_LAM_REL,
+                 "Sparse: λ relative to the median squared distance (0: Lin).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +208,7 @@ def sim(target: np.ndarray, prototypes: np.ndarray, tau: float | None = None,
     """
     d = distances(target, prototypes)
     scale = distance_scale(d)
-    t_abs, t_rel = _resolve("sim", "tau", "tau_rel", tau, tau_rel, DEFAULT_TAU_REL, scale, allow_zero=False)
+    t_abs, t_rel = _resolve("sim", _TAU, _TAU_REL, tau, tau_rel, scale)
     z = -(d - d.min()) / t_abs  # (k,) ≤ 0, the max is 0: no overflow
     e = np.exp(z)
     return WeightResult(e / e.sum(), {"tau": t_abs, "tau_rel": t_rel, "scale": scale}, "ok")
@@ -177,7 +243,7 @@ def sparse(target: np.ndarray, prototypes: np.ndarray, lam: float | None = None,
     """
     d = distances(target, prototypes)
     scale = distance_scale(d)
-    l_abs, l_rel = _resolve("sparse", "lam", "lam_rel", lam, lam_rel, DEFAULT_LAM_REL, scale, allow_zero=True)
+    l_abs, l_rel = _resolve("sparse", _LAM, _LAM_REL, lam, lam_rel, scale)
     res = solve_sparse(prototypes, target, l_abs)
     lmax = lambda_max(prototypes, target)
     return WeightResult(res.weights, {"lam": l_abs, "lam_rel": l_rel, "scale": scale, "lam_max": lmax},
@@ -196,31 +262,117 @@ def nearest(target: np.ndarray, prototypes: np.ndarray) -> WeightResult:
     return WeightResult(w, {}, "ok")
 
 
+# The table. Its order is registration order (``--strategies all``, error messages); ``order`` places the
+# columns of the score tables as in Table 1 of the seed paper (Nearest, Avg, Sim, Lin, Sparse).
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in (
-        Strategy("avg", avg, "uniform weights 1/k", "AdapterSoup (Chronopoulou et al., 2023)"),
-        Strategy("sim", sim, "softmax of negative squared distances, τ relative to their median (Eq. 3)",
-                 "LoRA-Retriever (Zhao et al., 2024)", ("tau", "tau_rel")),
-        Strategy("lin", lin, "sum-to-one least squares, negative weights allowed, min-norm (Eq. 4)",
-                 "Beyond adapter retrieval, Eq. 4"),
-        Strategy("sparse", sparse, "sum-to-one least squares + λ‖w‖₁, exact active set (Eq. 5)",
-                 "Beyond adapter retrieval, Eq. 5 (ours)", ("lam", "lam_rel")),
-        Strategy("nearest", nearest, "all weight on the nearest prototype", "k = 1 retrieval"),
+        Strategy("avg", avg, "Avg", "uniform weights 1/k", "AdapterSoup (Chronopoulou et al., 2023)", order=20),
+        Strategy("sim", sim, "Sim", "softmax of negative squared distances, τ relative to their median (Eq. 3)",
+                 "LoRA-Retriever (Zhao et al., 2024)", (_TAU, _TAU_REL), order=30),
+        Strategy("lin", lin, "Lin", "sum-to-one least squares, negative weights allowed, min-norm (Eq. 4)",
+                 "Beyond adapter retrieval, Eq. 4", order=40),
+        Strategy("sparse", sparse, "Sparse", "sum-to-one least squares + λ‖w‖₁, exact active set (Eq. 5)",
+                 "Beyond adapter retrieval, Eq. 5 (ours)", (_LAM, _LAM_REL), order=50),
+        Strategy("nearest", nearest, "Nearest", "all weight on the nearest prototype", "k = 1 retrieval", order=10,
+                 depends_on_k=False),
     )
 }
+_BUILTIN = frozenset(STRATEGIES)
+_RESERVED = frozenset({"all", "pretrained", "sft"})  # "--strategies all" and the evaluation's baselines
 
 
 def get_strategy(name: str) -> Strategy:
     """The strategy called ``name``; an unknown name raises an error listing the valid ones.
 
-    >>> get_strategy("sparse").params
+    >>> get_strategy("sparse").param_names
     ('lam', 'lam_rel')
     """
     try:
         return STRATEGIES[name]
     except (KeyError, TypeError):
         raise UnknownNameError(f"Unknown strategy {name!r}. Valid strategies: {', '.join(STRATEGIES)}.") from None
+
+
+def register_strategy(strategy: Strategy, *, replace: bool = False) -> Strategy:
+    """Add ``strategy`` to :data:`STRATEGIES` at run time; from then on compose, evaluate (``"all"``), the score
+    tables and the CLI's ``--strategy``/``--param`` know it. A name already taken is refused unless ``replace``
+    (built-ins are never replaced). Returns ``strategy``.
+
+    >>> def half(target, prototypes):
+    ...     return WeightResult(np.full(prototypes.shape[0], 1.0 / prototypes.shape[0]))
+    >>> _ = register_strategy(Strategy("half", half, "Half", "uniform, again", "a doctest"))
+    >>> compute_weights("half", np.zeros(2), np.eye(2)).weights.tolist()
+    [0.5, 0.5]
+    >>> unregister_strategy("half")
+    """
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"register_strategy() needs a Strategy. Got {type(strategy).__name__} instead.")
+    name = strategy.name
+    if (not isinstance(name, str) or not name.isidentifier() or name in _RESERVED):
+        raise ParameterError(f"The 'name' of a strategy must be a Python identifier other than "
+                             f"{', '.join(sorted(_RESERVED))}. Got {name!r} instead.")
+    if not callable(strategy.fn):
+        raise ParameterError(f"The 'fn' of strategy {name!r} must be callable. Got {type(strategy.fn).__name__} instead.")
+    for p in strategy.params:
+        if p.kind != "number":
+            raise ParameterError(f"Parameter {p.name!r} of strategy {name!r} must be of kind 'number'. "
+                                 f"Got {p.kind!r} instead.")
+        if p.default is not None:
+            p.check(name, p.default)
+    if name in STRATEGIES and (name in _BUILTIN or not replace):
+        why = "a built-in" if name in _BUILTIN else "already registered (pass replace=True)"
+        raise ParameterError(f"Cannot register strategy {name!r}: the name is {why}.")
+    STRATEGIES[name] = strategy
+    return strategy
+
+
+def unregister_strategy(name: str) -> None:
+    """Remove a strategy added by :func:`register_strategy` (built-ins cannot be removed)."""
+    if name in _BUILTIN:
+        raise ParameterError(f"Cannot unregister {name!r}: it is a built-in strategy.")
+    get_strategy(name)
+    del STRATEGIES[name]
+
+
+def parse_param_specs(specs: Sequence[str], strategies: Sequence[str], flag: str = "--param"
+                      ) -> dict[str, dict[str, float]]:
+    """``["lam_rel=0.5", "sim.tau_rel=2"]`` → ``{strategy: {param: value}}``, validated against the table.
+
+    ``STRATEGY.NAME=VALUE`` sets one strategy's parameter; a bare ``NAME=VALUE`` sets it for every strategy
+    in ``strategies`` that has a parameter called ``NAME`` (at least one must).
+
+    >>> parse_param_specs(["lam_rel=0.5", "sim.tau_rel=2"], ["avg", "sim", "sparse"])
+    {'sparse': {'lam_rel': 0.5}, 'sim': {'tau_rel': 2.0}}
+    >>> parse_param_specs(["lam_rel=-1"], ["sparse"])
+    Traceback (most recent call last):
+    ...
+    adapterbank.errors.ParameterError: The 'lam_rel' parameter of sparse must be ≥ 0. Got '-1' instead.
+    """
+    out: dict[str, dict[str, float]] = {}
+    for spec in specs:
+        key, eq, value = spec.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ParameterError(f"{flag} takes NAME=VALUE or STRATEGY.NAME=VALUE (e.g. {flag} lam_rel=0.5). "
+                                 f"Got {spec!r} instead.")
+        if "." in key:
+            sname, _, pname = key.partition(".")
+            owners = [get_strategy(sname)]
+            if sname not in strategies:
+                raise ParameterError(f"{flag} {spec!r} sets a parameter of {sname!r}, which is not among the "
+                                     f"strategies run ({', '.join(strategies)}).")
+            owners[0].param(pname)
+        else:
+            pname = key
+            owners = [s for s in map(get_strategy, strategies) if pname in s.param_names]
+            if not owners:
+                known = sorted({f"{s.name}.{n}" for s in map(get_strategy, strategies) for n in s.param_names})
+                raise UnknownNameError(f"{flag} {spec!r}: no strategy among {', '.join(strategies)} has a parameter "
+                                       f"{pname!r}. Valid parameters: {', '.join(known) or 'none'}.")
+        for s in owners:
+            out.setdefault(s.name, {})[pname] = s.param(pname).check(s.name, value)
+    return out
 
 
 def compute_weights(name: str, target: np.ndarray, prototypes: np.ndarray, **params: float) -> WeightResult:
@@ -233,9 +385,9 @@ def compute_weights(name: str, target: np.ndarray, prototypes: np.ndarray, **par
     """
     strat = get_strategy(name)
     P, t = check_problem(prototypes, target, name)
-    unknown = sorted(set(params) - set(strat.params))
+    unknown = sorted(set(params) - set(strat.param_names))
     if unknown:
-        valid = ", ".join(strat.params) if strat.params else "none"
+        valid = ", ".join(strat.param_names) if strat.params else "none"
         raise UnknownNameError(f"Unknown parameter(s) {', '.join(map(repr, unknown))} for strategy {name!r}. "
                                f"Valid parameters: {valid}.")
     res = strat.fn(t, P, **params)

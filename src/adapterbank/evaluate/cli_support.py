@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from adapterbank.evaluate.harness import evaluate, load_evaluator
+from adapterbank.evaluate.evaluator import load_evaluator
+from adapterbank.evaluate.harness import evaluate
 from adapterbank.evaluate.report import write_report
 from adapterbank.errors import FormatError
 from adapterbank.evaluate.results import EvalResults

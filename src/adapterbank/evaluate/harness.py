@@ -3,37 +3,44 @@
 Each adapter of the bank that has a prototype is, in turn, the *target*: its prototype is the target
 prototype p_T, its own adapter is removed from the pool (``exclude=[target]``; or left in with
 ``include_self`` — the seed's Table 6 ablation), the other adapters are retrieved and weighed by every
-strategy (Eq. 3–5, avg, nearest) and merged exactly (Eq. 6), and the user's evaluator scores the composite
-on the target's task. Pre-trained (``adapter=None``) and SFT (the target's own adapter) are scored too.
+strategy of the table (Eq. 3–5, avg, nearest, and any registered one) and merged exactly (Eq. 6), and the
+user's evaluator scores the composite on the target's task. Pre-trained (``adapter=None``) and SFT (the
+target's own adapter) are scored too. Retrieval runs once per target (at the largest k asked for); every
+strategy then composes from those ids (``compose(ids=...)``).
 
 The evaluator is any callable ``(adapter: LoraAdapter | None, task) -> {metric: float}``; ``task`` is
 ``tasks[target]`` when a mapping is given, else the target's bank card. It may add the reserved key
 ``"per_item": {metric: [one score per test item]}`` (see :func:`check_output`): the reports then give
 paired bootstrap intervals over items instead of over targets. Results are cached per
-(target, method, k, params, evaluator, digests of the prototypes and adapters involved) as JSON files,
-so a rerun only calls the evaluator for what changed.
+(target, method, k, params, evaluator, digests of the prototypes and adapters involved) as JSON files
+(:mod:`adapterbank.evaluate.cache`), so a rerun only calls the evaluator for what changed. Loading and
+checking the evaluator: :mod:`adapterbank.evaluate.evaluator`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import json
 import logging
 import math
 import numbers
-import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adapterbank import errors as _errors
-from adapterbank._io import atomic_write_bytes
-from adapterbank.errors import AdapterbankError, FormatError, NonFiniteError, UnknownNameError
+from adapterbank.compose.strategies import STRATEGIES, get_strategy
+from adapterbank.errors import AdapterbankError, FormatError, UnknownNameError
+from adapterbank.evaluate.cache import CACHE_SCHEMA, ResultCache, adapter_digest, cache_key
+from adapterbank.evaluate.evaluator import (
+    PER_ITEM,
+    Evaluator,
+    check_metrics,
+    check_output,
+    evaluator_id,
+    load_evaluator,
+)
 from adapterbank.evaluate.results import (
     BASELINES,
     EvalRecord,
@@ -44,222 +51,22 @@ from adapterbank.evaluate.results import (
 from adapterbank.lora import LoraAdapter
 
 if TYPE_CHECKING:
-    from adapterbank.bank import Bank
+    from adapterbank.bank import Bank, Hit
     from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
 log = logging.getLogger(__name__)
 
+# load_evaluator, check_metrics, check_output, PER_ITEM, evaluator_id and Evaluator live in
+# adapterbank.evaluate.evaluator; they are re-exported here for code that imported them from the harness.
 __all__ = ["evaluate", "load_evaluator", "check_metrics", "check_output", "PER_ITEM", "evaluator_id", "pca_2d",
            "Evaluator", "ALL_STRATEGIES"]
 
-Evaluator = Callable[[LoraAdapter | None, Any], Mapping[str, Any]]
-"""``(adapter | None, task) -> {metric: float}``, optionally with ``"per_item": {metric: [floats]}``."""
-
-ALL_STRATEGIES = ("avg", "sim", "lin", "sparse", "nearest")
-CACHE_SCHEMA = 1
-PER_ITEM = "per_item"
-"""The reserved key of an evaluator's output that holds per-item scores: ``{metric: [floats]}``."""
+ALL_STRATEGIES = tuple(STRATEGIES)
+"""The built-in strategies (a snapshot at import). ``evaluate(strategies="all")``, the default, reads
+:data:`~adapterbank.compose.strategies.STRATEGIES` at call time, so registered strategies are included."""
 
 # The error an evaluator's own failure is reported as.
 _EvaluationError = _errors.EvaluationError
-
-
-# ----- evaluator loading and output checking ---------------------------------------------------
-
-def load_evaluator(spec: str) -> Evaluator:
-    """Load ``module:function`` (or ``path/to/file.py:function``) and check it is callable.
-
-    Dotted attribute paths work after the colon (``pkg.mod:Class.method``).
-
-    >>> fn = load_evaluator("math:hypot")
-    >>> fn(3, 4)
-    5.0
-    >>> load_evaluator("math:nope")
-    Traceback (most recent call last):
-    ...
-    adapterbank.errors.UnknownNameError: The evaluator 'math:nope' names 'nope', which module 'math' does not define. ...
-    """
-    if not isinstance(spec, str) or spec.count(":") < 1 or not all(spec.rpartition(":")[::2]):
-        raise FormatError(f"An evaluator must be given as 'module:function' (or 'file.py:function'). Got {spec!r} instead.")
-    mod_name, _, attr = spec.rpartition(":")
-    if mod_name.endswith(".py"):
-        path = Path(mod_name)
-        if not path.is_file():
-            raise FileNotFoundError(f"The evaluator file {str(path)!r} (from {spec!r}) does not exist.")
-        name = f"_adapterbank_evaluator_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
-        mspec = importlib.util.spec_from_file_location(name, path)
-        if mspec is None or mspec.loader is None:
-            raise FormatError(f"The evaluator file {str(path)!r} cannot be imported as a Python module.")
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[name] = module
-        mspec.loader.exec_module(module)
-    else:
-        try:
-            module = importlib.import_module(mod_name)
-        except ModuleNotFoundError as e:
-            raise UnknownNameError(
-                f"The evaluator {spec!r} names module {mod_name!r}, which cannot be imported ({e}). "
-                "Put its folder on PYTHONPATH, or give a file: 'path/to/file.py:function'."
-            ) from e
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            public = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
-            raise UnknownNameError(
-                f"The evaluator {spec!r} names {attr!r}, which module {mod_name!r} does not define. "
-                f"Callables it defines: {', '.join(public[:30]) or 'none'}."
-            )
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UnknownNameError(f"The evaluator {spec!r} is not callable: it is a {type(obj).__name__}.")
-    return obj  # type: ignore[no-any-return]
-
-
-def evaluator_id(evaluator: Callable[..., Any]) -> str:
-    """What identifies an evaluator in cache keys: its ``cache_key`` attribute, else ``module:qualname``.
-
-    Give your evaluator a ``cache_key`` (e.g. ``"my_eval:v2"``) and change it when its behaviour changes.
-
-    >>> evaluator_id(len)
-    'builtins:len'
-    """
-    key = getattr(evaluator, "cache_key", None)
-    if key is not None:
-        return str(key)
-    mod = getattr(evaluator, "__module__", None) or type(evaluator).__module__
-    qual = getattr(evaluator, "__qualname__", None) or type(evaluator).__qualname__
-    return f"{mod}:{qual}"
-
-
-def check_metrics(out: Any, where: str) -> dict[str, float]:
-    """Check an evaluator's output is a non-empty ``{str: finite real}`` and return it as floats.
-
-    ``where`` names the call (target and method) in the error message. A ``"per_item"`` entry is checked
-    (:func:`check_output`) and left out.
-
-    >>> check_metrics({"acc": np.float32(0.5), "n": 3}, "target 'a', method 'avg'")
-    {'acc': 0.5, 'n': 3.0}
-    >>> check_metrics({"acc": float("nan")}, "target 'a', method 'avg'")
-    Traceback (most recent call last):
-    ...
-    adapterbank.errors.NonFiniteError: The evaluator returned a non-finite value for metric 'acc' (target 'a', method 'avg'): nan.
-    """
-    return check_output(out, where)[0]
-
-
-def _real(val: Any) -> Any:
-    """A 1-element numpy array/scalar or torch tensor as a Python number; anything else unchanged."""
-    if isinstance(val, np.generic) or (isinstance(val, np.ndarray) and val.size == 1):
-        return val.item()
-    if hasattr(val, "numel") and hasattr(val, "item") and val.numel() == 1:  # a 1-element torch tensor
-        return val.item()
-    return val
-
-
-def _per_item(name: str, val: Any, metric: float, where: str) -> list[float]:
-    """One metric's per-item scores as floats: a non-empty 1-D sequence of finite reals whose mean is the metric."""
-    if hasattr(val, "detach") and hasattr(val, "cpu"):  # a torch tensor
-        val = val.detach().cpu().numpy()
-    if isinstance(val, (str, bytes, Mapping)) or not isinstance(val, (Sequence, np.ndarray)):
-        raise FormatError(f"The evaluator returned {type(val).__name__} for {PER_ITEM}[{name!r}] ({where}); it must be "
-                          "a list (or 1-D array) of per-item scores.")
-    try:
-        arr = np.asarray(val, dtype=np.float64)  # (n,) bools count as 0/1
-    except (TypeError, ValueError) as e:
-        raise FormatError(f"The evaluator returned a non-numeric entry in {PER_ITEM}[{name!r}] ({where}): {e}.") from e
-    if arr.ndim != 1 or arr.size == 0:
-        raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] of shape {arr.shape} ({where}); it must be "
-                          "a non-empty 1-D list with one score per test item.")
-    if not np.all(np.isfinite(arr)):
-        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise NonFiniteError(f"The evaluator returned a non-finite score for item {bad} in {PER_ITEM}[{name!r}] "
-                             f"({where}): {arr[bad]}.")
-    mean = float(arr.mean())
-    if not math.isclose(mean, metric, rel_tol=1e-5, abs_tol=1e-6):
-        raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] with mean {mean!r} but {name!r} = {metric!r} "
-                          f"({where}). Per-item scores must average to the metric; for a metric that is not a mean "
-                          f"(F1, AUC, ...) leave it out of {PER_ITEM!r}, and its intervals are taken over targets.")
-    return [float(x) for x in arr]
-
-
-def check_output(out: Any, where: str) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Check an evaluator's output and split it into ``({metric: float}, {metric: [per-item floats]})``.
-
-    The output is ``{metric: finite real, ...}``, optionally with the reserved key ``"per_item"`` mapping some
-    of those metrics to their per-item scores: one finite real (or bool) per test item, in the task's order
-    (the same items, in the same order, for every adapter), whose mean is the metric. The reports bootstrap
-    over these items, paired across methods.
-
-    >>> check_output({"acc": 0.5, "per_item": {"acc": [True, False]}}, "target 'a', method 'avg'")
-    ({'acc': 0.5}, {'acc': [1.0, 0.0]})
-    >>> check_output({"acc": 0.5, "per_item": {"f1": [1.0]}}, "target 'a'")
-    Traceback (most recent call last):
-    ...
-    adapterbank.errors.FormatError: The evaluator returned per_item['f1'] (target 'a'), but no metric 'f1'. Metrics: acc.
-    """
-    if not isinstance(out, Mapping):
-        raise FormatError(f"The evaluator must return a dict {{metric: float}} ({where}). "
-                          f"Got {type(out).__name__} instead: {out!r:.200}.")
-    per_item_in = out.get(PER_ITEM)
-    if per_item_in is not None and not isinstance(per_item_in, Mapping):
-        raise FormatError(f"The evaluator returned {type(per_item_in).__name__} under {PER_ITEM!r} ({where}); "
-                          f"that key is reserved for per-item scores {{metric: [floats]}}. Rename a metric called {PER_ITEM!r}.")
-    res: dict[str, float] = {}
-    for name, val in out.items():
-        if name == PER_ITEM:
-            continue
-        if not isinstance(name, str) or not name:
-            raise FormatError(f"The evaluator returned a metric name {name!r} ({where}); names must be non-empty strings.")
-        val = _real(val)
-        if isinstance(val, bool) or not isinstance(val, numbers.Real):
-            raise FormatError(f"The evaluator returned {type(val).__name__} {val!r:.100} for metric {name!r} ({where}); "
-                              "each metric must be a finite real number.")
-        f = float(val)
-        if not math.isfinite(f):
-            raise NonFiniteError(f"The evaluator returned a non-finite value for metric {name!r} ({where}): {f}.")
-        res[name] = f
-    if not res:
-        raise FormatError(f"The evaluator returned an empty dict ({where}); it must return at least one metric.")
-    items: dict[str, list[float]] = {}
-    for name, val in (per_item_in or {}).items():
-        if name not in res:
-            raise FormatError(f"The evaluator returned {PER_ITEM}[{name!r}] ({where}), but no metric {name!r}. "
-                              f"Metrics: {', '.join(res)}.")
-        items[name] = _per_item(name, val, res[name], where)
-    return res, items
-
-
-# ----- digests ---------------------------------------------------------------------------------
-
-_CARD_DIGEST_ATTRS = ("sha256", "digest", "blob_sha256", "blob_hash", "content_hash", "blob")
-
-
-def _adapter_digest(bank: Bank, adapter_id: str, card: Any, memo: dict[str, str]) -> str:
-    """Content digest of an adapter: the bank's blob hash when the card has one, else a hash of the tensors."""
-    if adapter_id in memo:
-        return memo[adapter_id]
-    files = getattr(card, "files", None)
-    if isinstance(files, Mapping) and files:  # the bank's content hashes of the adapter's files
-        memo[adapter_id] = _cache_key({"files": dict(files)})
-        return memo[adapter_id]
-    for attr in _CARD_DIGEST_ATTRS:
-        v = getattr(card, attr, None)
-        if isinstance(v, str) and v:
-            memo[adapter_id] = v
-            return v
-    h = hashlib.sha256()
-    ad = bank.load_adapter(adapter_id)
-    for name in sorted(ad.modules):
-        m = ad.modules[name]
-        h.update(f"{name}|{m.weight_shape}|{m.transposed}|{m.kind}|{m.scale!r}".encode())
-        for t in (m.A, m.B):
-            h.update(t.detach().to("cpu").contiguous().float().numpy().tobytes())
-    memo[adapter_id] = h.hexdigest()
-    return memo[adapter_id]
-
-
-def _cache_key(parts: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ----- small numerics --------------------------------------------------------------------------
@@ -295,8 +102,6 @@ def pca_2d(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----- the harness -----------------------------------------------------------------------------
 
 def _norm_strategies(strategies: Sequence[str] | str) -> list[str]:
-    from adapterbank.compose import STRATEGIES
-
     if isinstance(strategies, str):
         strategies = list(STRATEGIES) if strategies == "all" else [s.strip() for s in strategies.split(",") if s.strip()]
     out = list(dict.fromkeys(strategies))
@@ -309,8 +114,6 @@ def _norm_strategies(strategies: Sequence[str] | str) -> list[str]:
 
 
 def _norm_params(params: Mapping[str, Any] | None, strategies: Sequence[str]) -> dict[str, dict[str, float]]:
-    from adapterbank.compose import STRATEGIES
-
     if not params:
         return {}
     out: dict[str, dict[str, float]] = {}
@@ -323,6 +126,7 @@ def _norm_params(params: Mapping[str, Any] | None, strategies: Sequence[str]) ->
             )
         vals: dict[str, float] = {}
         for a, b in p.items():
+            get_strategy(name).param(str(a))  # an unknown parameter name lists the valid ones
             if isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(float(b)):
                 raise FormatError(f"Parameter {a!r} of strategy {name!r} must be a finite number. Got {b!r} instead.")
             vals[str(a)] = float(b)
@@ -353,24 +157,26 @@ def _check_positive_floats(name: str, vals: Sequence[float] | None) -> list[floa
 
 
 class _Runner:
-    """State of one :func:`evaluate` call: bank, evaluator, caches, counters."""
+    """State of one :func:`evaluate` call: bank, evaluator, cache, retrievals, counters."""
 
     def __init__(self, bank: Bank, evaluator: Evaluator, cache_dir: Path | None, include_self: bool,
                  space: PrototypeSpace | None) -> None:
         self.bank = bank
         self.evaluator = evaluator
         self.ev_id = evaluator_id(evaluator)
-        self.cache_dir = cache_dir
+        self.cache = ResultCache(cache_dir)
         self.include_self = include_self
         self.space = space
         self.cards = {c.id: c for c in bank.list()}
         self.digests: dict[str, str] = {}
         self.protos: dict[str, Prototype] = {}
-        self.memo: dict[str, EvalRecord] = {}
+        self.pools: dict[str, list[Hit]] = {}
+        self.pool_k: dict[str, int] = {}
+        self.searched_k: dict[str, int] = {}
         self.composite_scores: dict[tuple[Any, ...], tuple[dict[str, float], dict[str, list[float]]]] = {}
         self.target_protos: dict[str, Prototype] = {}
         self.n_calls = 0
-        self.n_cached = 0
+        self.n_searches = 0
 
     # -- bank access
     def proto(self, adapter_id: str) -> Prototype:
@@ -383,51 +189,35 @@ class _Runner:
         return self.target_protos[target] if target in self.target_protos else self.proto(target)
 
     def has_proto(self, adapter_id: str) -> bool:
-        card = self.cards[adapter_id]
-        spaces = getattr(card, "prototype_spaces", None)
-        if spaces is not None and self.space is not None:
-            return self.space.key in spaces
-        if spaces is not None and not spaces:
-            return False
-        try:
-            self.proto(adapter_id)
-        except (AdapterbankError, KeyError, LookupError):
-            return False
-        return True
+        return self.space is not None and self.space.key in self.cards[adapter_id].prototype_spaces
 
     def digest(self, adapter_id: str) -> str:
-        return _adapter_digest(self.bank, adapter_id, self.cards.get(adapter_id), self.digests)
+        if adapter_id not in self.digests:
+            self.digests[adapter_id] = adapter_digest(self.cards[adapter_id])
+        return self.digests[adapter_id]
 
-    # -- cache
-    def _cache_file(self, key: str) -> Path | None:
-        return None if self.cache_dir is None else self.cache_dir / f"{key}.json"
+    def plan_retrieval(self, target: str, k: int) -> None:
+        """Make the one search for ``target`` ask for at least ``k`` adapters (the largest k of the run)."""
+        self.pool_k[target] = max(k, self.pool_k.get(target, 0))
 
-    def lookup(self, key: str, key_parts: Mapping[str, Any]) -> EvalRecord | None:
-        if key in self.memo:
-            return self.memo[key]
-        f = self._cache_file(key)
-        if f is None or not f.exists():
-            return None
-        try:
-            doc = json.loads(f.read_text())
-            if doc.get("schema") != CACHE_SCHEMA or doc.get("key") != json.loads(json.dumps(key_parts, default=str)):
-                log.warning("cache file %s does not match its key; recomputing", f)
-                return None
-            rec = EvalRecord.from_dict(doc["record"], str(f))
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            log.warning("unreadable cache file %s (%s); recomputing", f, e)
-            return None
-        rec.cached = True
-        self.memo[key] = rec
-        self.n_cached += 1
-        return rec
+    def pool(self, target: str, k: int) -> list[Hit]:
+        """The ``k`` nearest adapters to the target's prototype (minus the target unless ``include_self``).
 
-    def store(self, key: str, key_parts: Mapping[str, Any], rec: EvalRecord) -> None:
-        self.memo[key] = rec
-        f = self._cache_file(key)
-        if f is not None:
-            doc = {"schema": CACHE_SCHEMA, "key": key_parts, "record": rec.to_dict()}
-            atomic_write_bytes(f, json.dumps(doc, indent=1, default=str).encode())
+        One search per target, at the largest k planned: results are sorted by (distance, id), so the k nearest
+        are a prefix of the K nearest for any K ≥ k.
+        """
+        if self.searched_k.get(target, 0) < k:
+            want = max(k, self.pool_k.get(target, 0))
+            exclude = [] if self.include_self else [target]
+            self.pools[target] = self.bank.search(self.target_proto(target), k=want,
+                                                  base_model=self.cards[target].base_model, exclude=exclude)
+            self.searched_k[target] = want
+            self.n_searches += 1
+        return self.pools[target][:k]
+
+    @property
+    def n_cached(self) -> int:
+        return self.cache.n_hits
 
     # -- scoring
     def score(self, adapter: LoraAdapter | None, task: Any, target: str, method: str
@@ -444,13 +234,12 @@ class _Runner:
         return (*check_output(out, where), dt)
 
     def baseline(self, target: str, method: str, task: Any) -> EvalRecord:
-        card = self.cards[target]
         parts: dict[str, Any] = {"v": CACHE_SCHEMA, "target": target, "method": method, "evaluator": self.ev_id,
-                                 "base_model": getattr(card, "base_model", None)}
+                                 "base_model": self.cards[target].base_model}
         if method == "sft":
             parts["adapter"] = self.digest(target)
-        key = _cache_key(parts)
-        hit = self.lookup(key, parts)
+        key = cache_key(parts)
+        hit = self.cache.lookup(key, parts)
         if hit is not None:
             return _copy(hit, sweep=None)
         adapter = self.bank.load_adapter(target) if method == "sft" else None
@@ -458,29 +247,27 @@ class _Runner:
         rec = EvalRecord(target, method, None, {}, {}, [target] if method == "sft" else [],
                          [0.0] if method == "sft" else [], [1.0] if method == "sft" else [], "baseline", metrics,
                          include_self=self.include_self, seconds=dt, per_item=items)
-        self.store(key, parts, rec)
+        self.cache.store(key, parts, rec)
         return rec
 
     def composition(self, target: str, method: str, k: int, params: dict[str, float], task: Any,
                     sweep: str | None) -> EvalRecord:
         from adapterbank.compose import compose
 
-        card = self.cards[target]
-        base = getattr(card, "base_model", None)
         p_t = self.target_proto(target)
-        exclude = [] if self.include_self else [target]
-        hits = self.bank.search(p_t, k=k, base_model=base, exclude=exclude)
-        ids = [h.id for h in hits]
+        ids = [h.id for h in self.pool(target, k)]
         parts = {"v": CACHE_SCHEMA, "target": target, "method": method, "k": k, "params": params,
                  "include_self": self.include_self, "evaluator": self.ev_id, "target_prototype": p_t.digest(),
                  "pool": [[i, self.digest(i), self.proto(i).digest()] for i in ids]}
-        key = _cache_key(parts)
-        hit = self.lookup(key, parts)
+        key = cache_key(parts)
+        hit = self.cache.lookup(key, parts)
         if hit is not None:
             return _copy(hit, sweep=sweep)
-        comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, base_model=base, exclude=exclude)
-        if list(comp.ids) != ids:  # pragma: no cover - retrieval is deterministic
-            log.warning("retrieval changed between search and compose for %s: %s vs %s", target, ids, comp.ids)
+        if not ids:
+            raise _errors.PrototypeSpaceError(f"No adapter to compose target {target!r} from: no other adapter has "
+                                              f"a prototype in space {p_t.space.key!r} and base model "
+                                              f"{self.cards[target].base_model!r}.")
+        comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, ids=ids)
         # The composite is determined by its (adapter, weight) pairs: strategies that agree exactly (all of them
         # at k=1; Sparse and Lin when λ_max = 0) are scored once per run.
         same = (target, tuple((i, self.digest(i), float(w)) for i, w in zip(comp.ids, comp.weights) if w != 0.0))
@@ -494,21 +281,17 @@ class _Runner:
                          list(comp.ids), [float(d) for d in comp.distances], [float(w) for w in comp.weights],
                          str(comp.status), metrics, sweep=sweep, include_self=self.include_self, seconds=dt,
                          per_item=items)
-        self.store(key, parts, _copy(rec, sweep=None))
+        self.cache.store(key, parts, _copy(rec, sweep=None))
         return rec
 
     def lambda_path(self, target: str, k: int, chosen: float | None) -> LambdaPath | None:
         from adapterbank.compose.solvers import sparse_path
 
-        card = self.cards[target]
-        p_t = self.target_proto(target)
-        exclude = [] if self.include_self else [target]
-        hits = self.bank.search(p_t, k=k, base_model=getattr(card, "base_model", None), exclude=exclude)
-        if len(hits) < 2:
+        ids = [h.id for h in self.pool(target, k)]
+        if len(ids) < 2:
             return None
-        ids = [h.id for h in hits]
         P = np.stack([self.proto(i).vector for i in ids]).astype(np.float64)  # (k, d)
-        lams, W = sparse_path(P, p_t.vector.astype(np.float64))  # (m,), (m, k)
+        lams, W = sparse_path(P, self.target_proto(target).vector.astype(np.float64))  # (m,), (m, k)
         return LambdaPath(target, ids, [float(x) for x in np.asarray(lams)],
                           [[float(x) for x in row] for row in np.asarray(W)], chosen)
 
@@ -530,7 +313,7 @@ def evaluate(
     bank: Bank,
     evaluator: Evaluator | str,
     *,
-    strategies: Sequence[str] | str = ALL_STRATEGIES,
+    strategies: Sequence[str] | str = "all",
     k: int = 5,
     params: Mapping[str, Mapping[str, float]] | None = None,
     targets: Sequence[str] | None = None,
@@ -556,13 +339,15 @@ def evaluate(
         evaluator: ``(adapter | None, task) -> {metric: float}``, or a ``"module:function"`` spec. It may add
             ``"per_item": {metric: [one score per test item]}`` (mean = the metric; see :func:`check_output`), so
             the reports' paired intervals resample items instead of targets.
-        strategies: strategy names, or ``"all"``.
+        strategies: strategy names, or ``"all"``: every strategy of
+            :data:`~adapterbank.compose.strategies.STRATEGIES` at call time (registered ones included).
         k: adapters retrieved per target for the main table.
         params: per-strategy parameters, e.g. ``{"sparse": {"lam_rel": 0.1}, "sim": {"tau_rel": 1.0}}``.
         targets: ids to hold out in turn.
         include_self: keep the target's own adapter in the pool (seed paper, Table 6).
         baselines: which of ``"pretrained"``, ``"sft"`` to score.
-        sweep_k: extra k values; every strategy but ``nearest`` is scored at each (score-vs-k series).
+        sweep_k: extra k values; every strategy whose weights depend on k (all but ``nearest``) is scored at each
+            (score-vs-k series).
         sweep_lam: ``lam_rel`` values for ``sparse`` at ``k`` (score-vs-λ series).
         cache_dir: folder of JSON cache files; a rerun only calls the evaluator for what changed. The key holds
             the evaluator's ``cache_key`` attribute (or ``module:qualname``) — change it when the evaluator or
@@ -600,8 +385,6 @@ def evaluate(
     ks = _check_positive_ints("sweep_k", sweep_k)
     lams = _check_positive_floats("sweep_lam", sweep_lam)
     cdir = Path(cache_dir) if cache_dir is not None else None
-    if cdir is not None:
-        cdir.mkdir(parents=True, exist_ok=True)
 
     spaces = {sp.key: sp for sp in bank.spaces()}
     if isinstance(space, str):
@@ -648,7 +431,8 @@ def evaluate(
     for t in tgt:
         jobs += [(t, b, None, {}, None) for b in bl]
         jobs += [(t, s, k, prm.get(s, {}), None) for s in strats]
-        jobs += [(t, s, kk, prm.get(s, {}), "k") for kk in ks for s in strats if s != "nearest"]
+        jobs += [(t, s, kk, prm.get(s, {}), "k") for kk in ks for s in strats if get_strategy(s).depends_on_k]
+        run.plan_retrieval(t, max([k, *ks]))  # one search per target, at the largest k
         base_sparse = {a: b for a, b in prm.get("sparse", {}).items() if a not in ("lam", "lam_rel")}
         jobs += [(t, "sparse", k, {**base_sparse, "lam_rel": lam}, "lam") for lam in lams]
 
@@ -679,8 +463,8 @@ def evaluate(
               "sweep_k": ks, "sweep_lam": lams, "evaluator": run.ev_id,
               "space": run.space.key if run.space is not None else None, "targets": tgt}
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
-            "bank": str(getattr(bank, "root", getattr(bank, "path", ""))), "n_adapters": len(run.cards),
-            "evaluator_calls": run.n_calls, "cache_hits": run.n_cached,
+            "bank": str(bank.root), "n_adapters": len(run.cards),
+            "evaluator_calls": run.n_calls, "cache_hits": run.n_cached, "retrievals": run.n_searches,
             "seconds": round(time.perf_counter() - t_start, 3)}
     log.info("evaluated %d targets: %d evaluator calls, %d cache hits", len(tgt), run.n_calls, run.n_cached)
     return EvalResults(records=records, targets=tgt, config=config, lambda_paths=paths,

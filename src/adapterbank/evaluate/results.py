@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "RESULTS_SCHEMA",
     "BASELINES",
-    "METHOD_ORDER",
-    "DISPLAY",
+    "BASELINE_DISPLAY",
+    "method_order",
     "EvalRecord",
     "LambdaPath",
     "PrototypeMap",
@@ -45,20 +45,36 @@ CI = 0.95
 BASELINES = ("pretrained", "sft")
 """Methods that are not compositions: the base model alone, and the target's own (supervised) adapter."""
 
-METHOD_ORDER = ("pretrained", "sft", "nearest", "avg", "sim", "lin", "sparse")
-"""Column order of the score tables (Table 1 of the seed paper, with Nearest from its Table 5)."""
+BASELINE_DISPLAY = {"pretrained": "Pre-trained", "sft": "SFT"}
+"""Column titles of the baselines; the strategies' come from their rows of the strategy table."""
 
-DISPLAY = {"pretrained": "Pre-trained", "sft": "SFT", "nearest": "Nearest", "avg": "Avg", "sim": "Sim",
-           "lin": "Lin", "sparse": "Sparse"}
+
+def method_order() -> tuple[str, ...]:
+    """Column order of the score tables: the baselines, then the strategies of
+    :data:`~adapterbank.compose.strategies.STRATEGIES` by their ``order`` (Table 1 of the seed paper, with
+    Nearest from its Table 5), registered ones after the built-ins.
+
+    >>> method_order()[:7]
+    ('pretrained', 'sft', 'nearest', 'avg', 'sim', 'lin', 'sparse')
+    """
+    from adapterbank.compose.strategies import STRATEGIES
+
+    rows = sorted(enumerate(STRATEGIES.values()), key=lambda x: (x[1].order, x[0]))
+    return BASELINES + tuple(s.name for _, s in rows)
 
 
 def display_name(method: str) -> str:
-    """The column title of a method.
+    """The column title of a method: a baseline's, a strategy's ``display`` from the table, else the name.
 
-    >>> display_name("sparse"), display_name("my_strategy")
-    ('Sparse', 'my_strategy')
+    >>> display_name("sparse"), display_name("sft"), display_name("my_strategy")
+    ('Sparse', 'SFT', 'my_strategy')
     """
-    return DISPLAY.get(method, method)
+    from adapterbank.compose.strategies import STRATEGIES
+
+    if method in BASELINE_DISPLAY:
+        return BASELINE_DISPLAY[method]
+    s = STRATEGIES.get(method)
+    return s.display if s is not None else method
 
 
 def order_methods(methods: Iterable[str]) -> list[str]:
@@ -68,7 +84,8 @@ def order_methods(methods: Iterable[str]) -> list[str]:
     ['sft', 'avg', 'sparse', 'foo']
     """
     seen = list(dict.fromkeys(methods))
-    return [m for m in METHOD_ORDER if m in seen] + [m for m in seen if m not in METHOD_ORDER]
+    order = method_order()
+    return [m for m in order if m in seen] + [m for m in seen if m not in order]
 
 
 @dataclass
@@ -77,7 +94,7 @@ class EvalRecord:
 
     Attributes:
         target: id of the held-out adapter whose task is scored.
-        method: ``pretrained``, ``sft`` or a composition strategy (``avg``, ``sim``, ``lin``, ``sparse``, ``nearest``).
+        method: ``pretrained``, ``sft`` or the name of a composition strategy (a row of ``STRATEGIES``).
         k: how many adapters were asked for (``None`` for the baselines).
         params: the strategy parameters asked for (e.g. ``{"lam_rel": 0.1}``).
         effective_params: the parameters the solver used (e.g. the absolute λ).
