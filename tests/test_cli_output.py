@@ -313,3 +313,16 @@ def test_compose_with_target_loads_the_encoder_once_and_quietly(tmp_path: Path) 
     loads = [x for x in r.stderr.splitlines() if "SentenceTransformerEncoder" in x and "pooling=" in x]
     assert len(loads) == 1, r.stderr
     assert "Loading weights" not in r.stderr
+
+
+def test_formats_command_lists_the_formats_table() -> None:
+    """`adapterbank formats` is where --format's help points: it lists exactly the table, in its order."""
+    from adapterbank.formats import FORMATS
+
+    r = cli("formats", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["name"] for x in rows] == list(FORMATS)
+    assert {x["name"]: x["composites_as"] for x in rows}["kohya"] == "diffusers"
+    r = cli("formats")
+    assert r.returncode == 0 and all(name in r.stdout for name in FORMATS)

@@ -22,7 +22,6 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from adapterbank.errors import AdapterbankError, AdapterbankWarning, ParameterError, PoolSmallerThanKWarning
-from adapterbank.formats import FORMATS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -205,6 +204,10 @@ def _strategy_params(plugins: list[str] | None, specs: list[str] | None, strateg
     return names, params
 
 
+# The format table lives in adapterbank.formats (it imports torch): --help names the command that lists it.
+_FORMATS_HINT = "a name from `adapterbank formats`"
+
+
 # --- commands ----------------------------------------------------------------------------------
 
 @app.command()
@@ -214,6 +217,24 @@ def init(bank: Path = typer.Argument(..., help="Directory to create the bank in.
 
     Bank.init(bank)
     console.print(f"Initialised bank at [bold]{bank}[/bold]")
+
+
+@app.command("formats")
+def formats_cmd(json_out: bool = _json_option()) -> None:
+    """List the adapter file formats (name, layout, default composite format) from the formats table."""
+    from adapterbank.formats import FORMATS
+
+    rows = [{"name": f.name, "description": f.description, "composites_as": f.family, "single_file": f.single_file}
+            for f in FORMATS.values()]
+    if json_out:
+        _print_json(rows)
+        return
+    t = Table(title="adapter formats")
+    for c in ("name", "layout", "composites written as"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["name"], r["description"], r["composites_as"])
+    console.print(t)
 
 
 @app.command()
@@ -226,7 +247,7 @@ def add(
     encoder: Optional[str] = typer.Option(None, help="Encoder: a HF/sentence-transformers model dir, 'default', or module:function."),
     column: Optional[str] = typer.Option(None, help="Text column of --samples."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model id (checked against the adapter's)."),
-    format: Optional[str] = typer.Option(None, help=f"{', '.join(FORMATS)} (default: detect)."),
+    format: Optional[str] = typer.Option(None, help=f"Adapter format, {_FORMATS_HINT} (default: detect)."),
     tags: Optional[str] = typer.Option(None, help="Comma-separated tags."),
     license: Optional[str] = typer.Option(None),
     source_url: Optional[str] = typer.Option(None),
@@ -304,7 +325,7 @@ def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
 
 @app.command()
 def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
-           format: Optional[str] = typer.Option(None, help=f"{', '.join(FORMATS)} (default: as added, bit-for-bit)."),
+           format: Optional[str] = typer.Option(None, help=f"Output format, {_FORMATS_HINT} (default: as added, bit-for-bit)."),
            overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
     path = _open(bank).export(id, out, format=format, overwrite=overwrite)
@@ -382,7 +403,7 @@ def compose_cmd(
     rank: Optional[int] = typer.Option(None, "--rank", help="Truncate each module exactly to this rank."),
     max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Fit a server's max_lora_rank: truncate only "
                                            "the modules above this rank (exactly; their error is printed)."),
-    format: Optional[str] = typer.Option(None, help=f"Output format: {', '.join(FORMATS)} (default: follow the "
+    format: Optional[str] = typer.Option(None, help=f"Output format, {_FORMATS_HINT} (default: follow the "
                                          "inputs; kohya/diffusers inputs give diffusers, PEFT inputs peft)."),
     merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
