@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError
-from adapterbank.lora import LoraAdapter, LoraModule, combine, lora_scale, merge_into, truncate
+from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from adapterbank.lora import LoraAdapter, LoraModule, ResidualModule, combine, lora_scale, merge_into, truncate
 
 RTOL = 1e-5
 
@@ -532,3 +532,65 @@ def test_merge_into_custom_key() -> None:
     out = merge_into(sd, LoraAdapter({"q": m}), key=lambda n: f"model.{n}.w")
     assert rel_err(out["model.q.w"], sd["model.q.w"].double().numpy() + dense_ref(m)) < 1e-6
 
+
+
+# ------------------------------------------------------------------ GRASP residual modules (no ΔW)
+
+
+def residual_ref(x: torch.Tensor, mods: list[ResidualModule], w: list[float]) -> torch.Tensor:
+    """Σ_i w_i s_i U_i φ(D_i x), φ = GELU (erf), one module at a time in float64."""
+    return sum(wi * m.scale * (torch.nn.functional.gelu(x @ m.D.double().T) @ m.U.double().T)
+               for wi, m in zip(w, mods, strict=True))
+
+
+def test_residual_module_combines_exactly_by_concatenation() -> None:
+    g = torch.Generator().manual_seed(21)
+    mods = [ResidualModule(torch.randn(r, 5, generator=g), torch.randn(7, r, generator=g), s, channel_dim=1)
+            for r, s in ((2, 0.5), (3, 2.0), (1, -1.0))]
+    w = [0.7, -0.4, 0.0]
+    adapters = [LoraAdapter({"ff": m, **({"other": mods[0]} if i == 0 else {})}) for i, m in enumerate(mods)]
+    c = combine(adapters, w, dtype=torch.float64)
+    m = c.modules["ff"]
+    assert isinstance(m, ResidualModule) and m.rank == 5 and m.scale == 1.0  # zero weight dropped
+    assert (m.activation, m.channel_dim) == ("gelu", 1)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    got = torch.nn.functional.gelu(x @ m.D.T) @ m.U.T
+    torch.testing.assert_close(got, residual_ref(x, mods, w), rtol=1e-12, atol=1e-12)
+    assert c.modules["other"].rank == 2 and c.n_params == sum(t.numel() for t in (m.D, m.U)) + mods[0].n_params
+    assert not hasattr(m, "delta")
+    half = c.to(torch.float32).modules["ff"]
+    assert isinstance(half, ResidualModule) and half.D.dtype == torch.float32 and half.channel_dim == 1
+
+
+def test_residual_module_is_refused_by_delta_operations_with_one_error() -> None:
+    g = torch.Generator().manual_seed(22)
+    res = ResidualModule(torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g), 1.0)
+    a = LoraAdapter({"fc": rand_module(g, ((4, 4), False, "linear"), 2, 1.0), "blocks.0.ff": res})
+    msgs = []
+    for call, what in ((lambda: truncate(a, 1), "rank truncation by SVD"),
+                       (lambda: merge_into({"fc.weight": torch.zeros(4, 4), "blocks.0.ff.weight": torch.zeros(4, 4)}, a),
+                        "merging into base weights"),
+                       (a.deltas, "deltas()")):
+        with pytest.raises(UnsupportedAdapterError, match=r"Module 'blocks\.0\.ff' is a GRASP residual adapter") as ei:
+            call()
+        assert what in str(ei.value)
+        msgs.append(str(ei.value).split(" so ")[0])
+    assert len(set(msgs)) == 1
+    assert isinstance(UnsupportedAdapterError("x"), ValueError)
+
+
+def test_residual_module_checks_and_mismatches() -> None:
+    g = torch.Generator().manual_seed(23)
+    with pytest.raises(ShapeMismatchError, match="D \\(r, d_in\\) and U \\(d_out, r\\)"):
+        ResidualModule(torch.randn(2, 4, generator=g), torch.randn(4, 3, generator=g), 1.0)
+    with pytest.raises(NonFiniteError):
+        ResidualModule(torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g), float("nan"))
+    bad = ResidualModule(torch.full((1, 2), float("inf")), torch.ones(2, 1), 1.0)
+    with pytest.raises(NonFiniteError, match="'?ff'?"):
+        LoraAdapter({"ff": bad}).check_finite()
+    base = ResidualModule(torch.randn(2, 4, generator=g), torch.randn(4, 2, generator=g), 1.0)
+    for other, what in ((replace(base, channel_dim=1), "channel_dim"), (replace(base, activation="silu"), "activation"),
+                        (ResidualModule(torch.randn(2, 5, generator=g), torch.randn(4, 2, generator=g), 1.0), "5 → 4"),
+                        (LoraModule(base.D, base.U, 1.0, (4, 4)), "LoRA")):
+        with pytest.raises(ShapeMismatchError, match=f"'ff' differs between adapters.*{what}|{what}.*GRASP"):
+            combine([LoraAdapter({"ff": base}), LoraAdapter({"ff": other})], [1.0, 1.0])

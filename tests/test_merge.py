@@ -416,8 +416,10 @@ def test_residual_adapter_is_refused_before_anything_is_written(tmp_path: Path) 
     from adapterbank.errors import OutputExistsError, UnsupportedAdapterError
 
     save_file({"fc.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
-    res = LoraAdapter({"fc": LoraModule(torch.ones(1, 2), torch.ones(2, 1), 1.0, (2, 2), kind="residual")})
-    with pytest.raises(UnsupportedAdapterError, match="residual"):
+    from adapterbank.lora import ResidualModule
+
+    res = LoraAdapter({"fc": ResidualModule(torch.ones(1, 2), torch.ones(2, 1), 1.0)})
+    with pytest.raises(UnsupportedAdapterError, match="Module 'fc' is a GRASP residual adapter"):
         merge_into_files(tmp_path, res, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     (tmp_path / "full").mkdir()

@@ -16,6 +16,12 @@ Eq. 6 of the seed paper, ΔW_T = Σ_i w_i ΔW_i, is computed exactly in low-rank
 B* = [B_1 … B_k], A* = [w_1 s_1 A_1; …; w_k s_k A_k], scale 1 (:func:`combine`). No d_out×d_in matrix
 is formed unless :meth:`LoraModule.delta` is called. :func:`truncate` caps the rank exactly: QR of B*
 and of A*ᵀ, SVD of the small R×R core, keep the top r, and report ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F.
+
+A :class:`LoraAdapter` may also hold :class:`ResidualModule` s — GRASP residual adapters (docs/design.md §3),
+y = FFN(x) + s·U φ(D x). They are not weight updates and have no ``delta()``; :func:`combine` composes them
+exactly by concatenation, and every ΔW operation (``delta``, :func:`truncate`, :func:`merge_into`, merging
+into files, the PEFT/kohya/diffusers writers) takes its modules from :meth:`LoraAdapter.lora_modules`,
+which refuses a residual one by name.
 """
 
 from __future__ import annotations
@@ -29,18 +35,16 @@ import torch
 
 from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 
-ModuleKind = Literal["linear", "conv", "embedding", "residual"]
-#: ``kind="residual"``: a GRASP residual adapter y = FFN(x) + s·B φ(A x), φ = GELU (erf) — A = D (r, d_in),
-#: B = U (d_out, r), ``weight_shape`` = (d_out, d_in) of the FFN site. It is not a weight update: it has no
-#: dense ΔW, cannot be truncated by SVD or merged into weights, and composes by concatenation with the
-#: weights on B (φ is elementwise, so Σ_i w_i s_i B_i φ(A_i x) = [w_1 s_1 B_1 … w_k s_k B_k] φ([A_1; …; A_k] x)).
+ModuleKind = Literal["linear", "conv", "embedding"]
 
 #: Metadata that describes how a client loads an adapter, not ΔW (PEFT ``task_type``, base model ``revision``):
 #: :func:`combine` keeps each key whose value all the combined adapters share.
 SHARED_METADATA: tuple[str, ...] = ("task_type", "revision")
 
 __all__ = [
+    "AdapterModule",
     "LoraModule",
+    "ResidualModule",
     "LoraAdapter",
     "combine",
     "truncate",
@@ -124,7 +128,6 @@ class LoraModule:
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense ΔW, shaped like the base weight. Forms an n_out×n_in matrix: use for checks."""
-        _refuse_residual(self, "delta() (a dense ΔW)")
         d = self.scale * (self.B.to(dtype) @ self.A.to(dtype))  # (n_out, n_in)
         if self.transposed:
             d = d.T
@@ -138,15 +141,97 @@ class LoraModule:
 
     def fro_norm(self) -> float:
         """‖ΔW‖_F computed in low-rank form: ‖s B A‖_F² = s² tr((BᵀB)(AAᵀ))."""
-        _refuse_residual(self, "fro_norm() (the norm of a dense ΔW)")
         b, a = self.B.double(), self.A.double()
         val = torch.sum((b.T @ b) * (a @ a.T)).clamp_min(0).sqrt().item()
         return abs(self.scale) * val
+
+    def to(self, dtype: torch.dtype) -> LoraModule:
+        """The same module with A and B cast to ``dtype``."""
+        return replace(self, A=self.A.to(dtype), B=self.B.to(dtype))
+
+    def describe(self) -> str:
+        """What must agree between adapters for :func:`combine` (named in its error message)."""
+        return f"LoRA, weight shape {self.weight_shape}, transposed {self.transposed}, kind {self.kind}"
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualModule:
+    """One FFN site of a GRASP residual adapter (arXiv:2512.01675): y = FFN(x) + scale · U φ(D x).
+
+    Not a weight update: it has no dense ΔW and no ``delta()``, so rank truncation, merging into base
+    weights and the ΔW file formats refuse it (:meth:`LoraAdapter.lora_modules`); it is stored in the
+    ``grasp_residual`` format. :func:`combine` composes it exactly by concatenation with the weights on U:
+    φ acts elementwise, so Σ_i w_i s_i U_i φ(D_i x) = [w_1 s_1 U_1 … w_k s_k U_k] φ([D_1; …; D_k] x).
+
+    Args:
+        D: down projection, (r, d_in).
+        U: up projection, (d_out, r).
+        scale: s.
+        activation: φ; ``"gelu"`` (erf form) is the one the ``grasp_residual`` format holds.
+        channel_dim: the feature axis of the site's input: -1 (features last) or 1 (channel-first conv FFNs, Sana).
+
+    >>> m = ResidualModule(D=torch.ones(2, 3), U=torch.zeros(4, 2), scale=1.0)
+    >>> m.rank, (m.d_out, m.d_in), hasattr(m, "delta")
+    (2, (4, 3), False)
+    """
+
+    D: torch.Tensor
+    U: torch.Tensor
+    scale: float
+    activation: str = "gelu"
+    channel_dim: int = -1
+
+    def __post_init__(self) -> None:
+        if self.D.ndim != 2 or self.U.ndim != 2 or self.D.shape[0] != self.U.shape[1]:
+            raise ShapeMismatchError(
+                f"A residual module needs D (r, d_in) and U (d_out, r). Got D {tuple(self.D.shape)}, "
+                f"U {tuple(self.U.shape)} instead."
+            )
+        if not math.isfinite(self.scale):
+            raise NonFiniteError(f"Residual module scale must be finite. Got {self.scale} instead.")
+
+    @property
+    def rank(self) -> int:
+        return int(self.D.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.D.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return int(self.U.shape[0])
+
+    @property
+    def n_params(self) -> int:
+        return self.D.numel() + self.U.numel()
+
+    def check_finite(self, where: str = "") -> None:
+        """Raise :class:`NonFiniteError` if D or U holds NaN/Inf; ``where`` names the module."""
+        for name, t in (("D", self.D), ("U", self.U)):
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"Residual factor {name} of module {where or '?'} contains NaN or Inf.")
+
+    def to(self, dtype: torch.dtype) -> ResidualModule:
+        """The same module with D and U cast to ``dtype``."""
+        return replace(self, D=self.D.to(dtype), U=self.U.to(dtype))
+
+    def describe(self) -> str:
+        """What must agree between adapters for :func:`combine` (named in its error message)."""
+        return (f"GRASP residual, {self.d_in} → {self.d_out}, activation {self.activation}, "
+                f"channel_dim {self.channel_dim}")
+
+
+#: A module of a :class:`LoraAdapter`: a LoRA weight update, or a GRASP residual adapter (no ΔW).
+AdapterModule = LoraModule | ResidualModule
 
 
 @dataclass
 class LoraAdapter:
     """A LoRA adapter: module path -> :class:`LoraModule`, plus the base model it was made for.
+
+    A GRASP adapter holds :class:`ResidualModule` s instead (no ΔW); ΔW operations take
+    :meth:`lora_modules`, which refuses those.
 
     Module paths are those of the model the adapter is applied to, with no wrapper prefix:
     ``model.layers.0.self_attn.q_proj`` for a LlamaForCausalLM, and with the pipeline component first for
@@ -154,7 +239,7 @@ class LoraAdapter:
     ``metadata`` keeps format extras that do not change ΔW (PEFT ``task_type``, kohya ``ss_*`` keys).
     """
 
-    modules: dict[str, LoraModule]
+    modules: dict[str, AdapterModule]
     base_model: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -166,10 +251,28 @@ class LoraAdapter:
     def n_params(self) -> int:
         return sum(m.n_params for m in self.modules.values())
 
-    def refuse_residual(self, what: str) -> None:
-        """Raise :class:`UnsupportedAdapterError` naming the first GRASP residual module: it has no ΔW for ``what``."""
+    def lora_modules(self, what: str) -> dict[str, LoraModule]:
+        """The modules as LoRA weight updates, for the ΔW operation ``what`` (``"merging into base weights"``).
+
+        The one place that refuses a GRASP :class:`ResidualModule`: it raises
+        :class:`UnsupportedAdapterError` naming the first one.
+
+        >>> a = LoraAdapter({"ff": ResidualModule(torch.ones(1, 2), torch.ones(2, 1), 1.0)})
+        >>> a.lora_modules("merging into base weights")
+        Traceback (most recent call last):
+        ...
+        adapterbank.errors.UnsupportedAdapterError: Module 'ff' is a GRASP residual adapter ...
+        """
+        out: dict[str, LoraModule] = {}
         for name, m in self.modules.items():
-            _refuse_residual(m, what, name)
+            if not isinstance(m, LoraModule):
+                raise UnsupportedAdapterError(
+                    f"Module {name!r} is a GRASP residual adapter (y = FFN(x) + s·U φ(D x)), not a LoRA weight "
+                    f"update; it has no ΔW, so {what} is refused. Compose residual adapters with combine/compose "
+                    "(no rank cap) and write them with format='grasp_residual'."
+                )
+            out[name] = m
+        return out
 
     def check_finite(self) -> None:
         for name, m in self.modules.items():
@@ -177,19 +280,11 @@ class LoraAdapter:
 
     def deltas(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Dense ΔW of every module (for checks and small models)."""
-        return {k: m.delta(dtype) for k, m in self.modules.items()}
+        return {k: m.delta(dtype) for k, m in self.lora_modules("deltas() (a dense ΔW)").items()}
 
     def to(self, dtype: torch.dtype) -> LoraAdapter:
-        mods = {k: replace(m, A=m.A.to(dtype), B=m.B.to(dtype)) for k, m in self.modules.items()}
+        mods = {k: m.to(dtype) for k, m in self.modules.items()}
         return LoraAdapter(mods, self.base_model, dict(self.metadata))
-
-
-def _refuse_residual(m: LoraModule, what: str, name: str = "") -> None:
-    if m.kind == "residual":
-        raise UnsupportedAdapterError(
-            f"Module {name or '?'} is a GRASP residual adapter (y = FFN(x) + B φ(A x)); it has no weight update, "
-            f"so {what} is refused. Residual adapters compose exactly by concatenation (combine) only."
-        )
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -210,8 +305,8 @@ def combine(
     R = Σ r_i over the adapters that have m and a nonzero weight. Any real weights (negative too), mixed
     ranks, rsLoRA and per-module scales; a module missing from an adapter counts as zero there. Metadata
     keys in :data:`SHARED_METADATA` (``task_type``, ...) are kept where every adapter has the same value.
-    Residual modules (``kind="residual"``) carry the weights on B instead: B* = [w_1 s_1 B_1 … w_k s_k B_k],
-    A* = [A_1; …; A_k], exact because φ acts elementwise on the rows of A* x.
+    :class:`ResidualModule` s carry the weights on U instead: U* = [w_1 s_1 U_1 … w_k s_k U_k],
+    D* = [D_1; …; D_k], scale 1, exact because φ acts elementwise on the rows of D* x.
 
     >>> a = LoraAdapter({"fc": LoraModule(torch.eye(2), torch.eye(2), 1.0, (2, 2))})
     >>> c = combine([a, a], [0.25, -1.0])
@@ -234,33 +329,52 @@ def combine(
     names: dict[str, None] = {}
     for a in adapters:
         names.update(dict.fromkeys(a.modules))
-    out: dict[str, LoraModule] = {}
+    out: dict[str, AdapterModule] = {}
     for name in names:
         present = [(wi, a.modules[name]) for wi, a in zip(w, adapters, strict=True) if name in a.modules]
         ref = present[0][1]
         for _, m in present[1:]:
-            if (m.weight_shape, m.transposed, m.kind) != (ref.weight_shape, ref.transposed, ref.kind):
+            if _layout(m) != _layout(ref):
                 raise ShapeMismatchError(
-                    f"Module {name!r} differs between adapters: weight shape {m.weight_shape} vs "
-                    f"{ref.weight_shape}, transposed {m.transposed} vs {ref.transposed}, kind {m.kind} vs {ref.kind}."
+                    f"Module {name!r} differs between adapters: {m.describe()} vs {ref.describe()}."
                 )
         used = [(wi, m) for wi, m in present if wi != 0.0]
         if not used:
             continue  # ΔW* = 0 on this module
-        if ref.kind == "residual":  # weights on the up projection: φ(w·Ax) ≠ w·φ(Ax)
-            B = torch.cat([(wi * m.scale) * m.B.to(cdt) for wi, m in used], dim=1)  # (n_out, R)
-            A = torch.cat([m.A.to(cdt) for _, m in used], dim=0)  # (R, n_in)
-            out[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
-            continue
-        B = torch.cat([m.B.to(cdt) for _, m in used], dim=1)  # (n_out, R)
-        A = torch.empty(sum(m.rank for _, m in used), ref.A.shape[1], dtype=cdt)  # (R, n_in), one copy
-        off = 0
-        for wi, m in used:
-            torch.mul(m.A.to(cdt), wi * m.scale, out=A[off:off + m.rank])
-            off += m.rank
-        out[name] = LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
+        if isinstance(ref, ResidualModule):
+            out[name] = _combine_residual([(wi, m) for wi, m in used if isinstance(m, ResidualModule)], cdt, dtype)
+        else:
+            out[name] = _combine_lora([(wi, m) for wi, m in used if isinstance(m, LoraModule)], cdt, dtype)
     base = next(iter(bases)) if len(bases) == 1 else None
     return LoraAdapter(out, base, shared_metadata(adapters))
+
+
+def _layout(m: AdapterModule) -> tuple[Any, ...]:
+    """What must agree between adapters on one module for :func:`combine` (``describe()`` words it)."""
+    if isinstance(m, ResidualModule):
+        return ResidualModule, m.d_in, m.d_out, m.activation, m.channel_dim
+    return LoraModule, m.weight_shape, m.transposed, m.kind
+
+
+def _combine_residual(used: Sequence[tuple[float, ResidualModule]], cdt: torch.dtype, dtype: torch.dtype,
+                      ) -> ResidualModule:
+    """U* = [w_1 s_1 U_1 … w_k s_k U_k], D* = [D_1; …; D_k]: the weights go on U, as φ(w·Dx) ≠ w·φ(Dx)."""
+    ref = used[0][1]
+    U = torch.cat([(wi * m.scale) * m.U.to(cdt) for wi, m in used], dim=1)  # (d_out, R)
+    D = torch.cat([m.D.to(cdt) for _, m in used], dim=0)  # (R, d_in)
+    return ResidualModule(D.to(dtype), U.to(dtype), 1.0, ref.activation, ref.channel_dim)
+
+
+def _combine_lora(used: Sequence[tuple[float, LoraModule]], cdt: torch.dtype, dtype: torch.dtype) -> LoraModule:
+    """B* = [B_1 … B_k], A* = [w_1 s_1 A_1; …; w_k s_k A_k], scale 1."""
+    ref = used[0][1]
+    B = torch.cat([m.B.to(cdt) for _, m in used], dim=1)  # (n_out, R)
+    A = torch.empty(sum(m.rank for _, m in used), ref.A.shape[1], dtype=cdt)  # (R, n_in), one copy
+    off = 0
+    for wi, m in used:
+        torch.mul(m.A.to(cdt), wi * m.scale, out=A[off:off + m.rank])
+        off += m.rank
+    return LoraModule(A.to(dtype), B.to(dtype), 1.0, ref.weight_shape, ref.transposed, ref.kind)
 
 
 def shared_metadata(adapters: Sequence[LoraAdapter]) -> dict[str, Any]:
@@ -311,10 +425,9 @@ def truncate(
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ShapeMismatchError(f"The 'rank' parameter of truncate must be a positive int. Got {rank!r} instead.")
     cdt = _compute_dtype(dtype)
-    mods: dict[str, LoraModule] = {}
+    mods: dict[str, AdapterModule] = {}
     errs: dict[str, float] = {}
-    for name, m in adapter.modules.items():
-        _refuse_residual(m, "rank truncation by SVD", name)
+    for name, m in adapter.lora_modules("rank truncation by SVD").items():
         if m.rank <= rank:
             mods[name], errs[name] = m, 0.0
         else:
@@ -340,8 +453,7 @@ def merge_into(
     [2.0, 2.0]
     """
     out = dict(state_dict)
-    adapter.refuse_residual("merging into base weights")
-    for name, m in adapter.modules.items():
+    for name, m in adapter.lora_modules("merging into base weights").items():
         k = key(name)
         if k not in state_dict:
             if strict:

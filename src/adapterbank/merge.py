@@ -340,7 +340,7 @@ def merge_into_files(
     t0 = time.perf_counter()
     base_p, out = Path(base), Path(out_dir)
     out_dtype = _resolve_dtype(dtype)
-    adapter.refuse_residual("merging into base weights")
+    adapter.lora_modules("merging into base weights")  # a GRASP residual module has no ΔW: refused, named
     adapter.check_finite()
     if base_p.is_dir() and (base_p / PIPELINE_INDEX).is_file():
         return _merge_pipeline(base_p, adapter, out, key=key, dtype=out_dtype, t0=t0, overwrite=overwrite)

@@ -10,7 +10,7 @@ import torch
 from adapterbank.errors import FormatError, InvalidNameError, UnknownNameError, UnsafeFileError
 from adapterbank.formats import FORMATS, Format, adapter_files, detect_format, read_adapter, write_adapter
 from adapterbank.formats.safetensors_io import save_file
-from adapterbank.lora import LoraAdapter, LoraModule
+from adapterbank.lora import LoraAdapter, LoraModule, ResidualModule
 
 
 def small(prefix: str = "unet.") -> LoraAdapter:
@@ -29,7 +29,7 @@ def sample(fmt: Format) -> LoraAdapter:
     if not fmt.residual:
         return small()
     g = torch.Generator().manual_seed(0)
-    m = LoraModule(torch.randn(2, 3, generator=g), torch.randn(3, 2, generator=g), 0.5, (3, 3), kind="residual")
+    m = ResidualModule(torch.randn(2, 3, generator=g), torch.randn(3, 2, generator=g), 0.5)
     return LoraAdapter({"blocks.0.ff": m}, "base-x")
 
 

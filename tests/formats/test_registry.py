@@ -28,7 +28,7 @@ from adapterbank.formats import (
 )
 from adapterbank.formats.peft import member
 from adapterbank.formats.safetensors_io import load_file, save_file
-from adapterbank.lora import LoraAdapter, LoraModule
+from adapterbank.lora import AdapterModule, LoraAdapter, LoraModule, ResidualModule
 from adapterbank.prototypes import Prototype, PrototypeSpace
 
 SPACE = PrototypeSpace("toy-encoder", "r1", "mean", False, 4)
@@ -37,21 +37,25 @@ SPACE = PrototypeSpace("toy-encoder", "r1", "mean", False, 4)
 def adapter(seed: int, *, residual: bool = False, base: str = "toy-base") -> LoraAdapter:
     """Random non-identity modules on two sites (scale ≠ 1, so a lost scale shows)."""
     g = torch.Generator().manual_seed(seed)
-    kind = "residual" if residual else "linear"
-    mods = {f"unet.mid_block.attentions.0.{name}": LoraModule(
-        torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 0.5 + j, (5, 6), kind=kind)
-        for j, name in enumerate(("proj_in", "proj_out"))}
+    mods: dict[str, AdapterModule] = {}
+    for j, name in enumerate(("proj_in", "proj_out")):
+        A, B = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+        mods[f"unet.mid_block.attentions.0.{name}"] = (
+            ResidualModule(A, B, 0.5 + j, channel_dim=1 - 2 * j) if residual else LoraModule(A, B, 0.5 + j, (5, 6)))
     return LoraAdapter(mods, base)
 
 
 def assert_same(a: LoraAdapter, b: LoraAdapter) -> None:
     assert sorted(a.modules) == sorted(b.modules)
     for k, m in a.modules.items():
-        if m.kind == "residual":  # no ΔW: the factors and the scale themselves
-            n = b.modules[k]
-            assert torch.equal(m.A, n.A) and torch.equal(m.B, n.B) and m.scale == n.scale, k
+        n = b.modules[k]
+        if isinstance(m, ResidualModule):  # no ΔW: the factors, the scale and the channel axis themselves
+            assert isinstance(n, ResidualModule), k
+            assert torch.equal(m.D, n.D) and torch.equal(m.U, n.U), k
+            assert (m.scale, m.activation, m.channel_dim) == (n.scale, n.activation, n.channel_dim), k
         else:
-            assert torch.allclose(m.delta(torch.float64), b.modules[k].delta(torch.float64), atol=1e-6), k
+            assert isinstance(n, LoraModule), k
+            assert torch.allclose(m.delta(torch.float64), n.delta(torch.float64), atol=1e-6), k
 
 
 # -- the contract, for every format in the table ---------------------------------------------------------------

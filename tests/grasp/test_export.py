@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterbank import formats, grasp
-from adapterbank.errors import FormatError, UnsupportedAdapterError
-from adapterbank.lora import LoraAdapter, combine, merge_into, truncate
+from adapterbank.errors import FormatError, ShapeMismatchError, UnsupportedAdapterError
+from adapterbank.lora import LoraAdapter, LoraModule, ResidualModule, combine, merge_into, truncate
 
 
 class Block(nn.Module):
@@ -30,13 +30,13 @@ def test_exact_concatenation_vs_dense_reference(tm) -> None:
     w = [0.7, -0.4, 1.3]
     comp = combine(groups, w, dtype=torch.float64)
     mod = comp.modules["ff"]
-    assert mod.kind == "residual" and mod.rank == 6
+    assert isinstance(mod, ResidualModule) and mod.rank == 6
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     # independent dense reference: Σ_i w_i s_i U_i φ(D_i x), computed from the raw parameters in float64
     site = h.sites[0].adapter
     ref = sum(wi * site.scale * (F.gelu(x @ site.down[i].double().T) @ site.up[i].double().T)
               for i, wi in enumerate(w))
-    got = F.gelu(x @ mod.A.double().T) @ mod.B.double().T * mod.scale
+    got = F.gelu(x @ mod.D.double().T) @ mod.U.double().T * mod.scale
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     # and through the model: attach the composite as one group
     h.remove()
@@ -52,14 +52,50 @@ def test_residual_refused_by_dense_paths(tmp_path) -> None:
     m = Block()
     h = grasp.inject(m, n_groups=2, rank=2, seed=0)
     a = grasp.group_adapter(h, 0)
+    assert not hasattr(a.modules["ff"], "delta") and not hasattr(a.modules["ff"], "fro_norm")
     with pytest.raises(UnsupportedAdapterError, match="rank truncation by SVD"):
         truncate(a, 1)
     with pytest.raises(UnsupportedAdapterError, match="dense ΔW"):
-        a.modules["ff"].delta()
+        a.deltas()
     with pytest.raises(UnsupportedAdapterError, match="merging into base weights"):
         merge_into({"ff.weight": torch.zeros(6, 6)}, a)
     with pytest.raises(FormatError, match="only be written with format='grasp_residual'"):
         formats.write_adapter(a, tmp_path / "p", format="peft")
+
+
+def test_residual_refusal_is_one_error_naming_the_module(tmp_path) -> None:
+    """Every ΔW operation refuses a residual module with the same message, naming it (from one place)."""
+    from safetensors.torch import save_file
+
+    from adapterbank.formats.diffusers import write_diffusers
+    from adapterbank.formats.kohya import write_kohya
+    from adapterbank.formats.peft import write_peft
+    from adapterbank.merge import merge_into_files
+
+    lora = LoraModule(torch.ones(1, 6), torch.ones(6, 1), 1.0, (6, 6))
+    res = ResidualModule(torch.ones(1, 6), torch.ones(6, 1), 1.0)
+    a = LoraAdapter({"unet.a": lora, "unet.ff": res})
+    save_file({"unet.a.weight": torch.zeros(6, 6), "unet.ff.weight": torch.zeros(6, 6)}, tmp_path / "m.safetensors")
+    ops = {
+        "rank truncation by SVD": lambda: truncate(a, 1),
+        "merging into base weights": lambda: merge_into({"unet.a.weight": torch.zeros(6, 6)}, a),
+        "deltas() (a dense ΔW)": a.deltas,
+        "writing a PEFT adapter": lambda: write_peft(a, tmp_path / "peft"),
+        "writing a kohya file": lambda: write_kohya(a, tmp_path / "k.safetensors"),
+        "writing a diffusers LoRA": lambda: write_diffusers(a, tmp_path / "diffusers"),
+    }
+    messages = set()
+    for what, op in ops.items():
+        with pytest.raises(UnsupportedAdapterError, match="Module 'unet.ff' is a GRASP residual adapter") as ei:
+            op()
+        assert what in str(ei.value)
+        messages.add(str(ei.value).replace(what, "<what>"))
+    with pytest.raises(UnsupportedAdapterError, match="'unet.ff'.*merging into base weights"):
+        merge_into_files(tmp_path / "m.safetensors", a, tmp_path / "merged")
+    assert len(messages) == 1  # one template, produced by LoraAdapter.lora_modules
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
+    with pytest.raises(ShapeMismatchError, match="LoRA.*GRASP residual|GRASP residual.*LoRA"):
+        combine([LoraAdapter({"ff": lora}), LoraAdapter({"ff": res})], [1.0, 1.0])
 
 
 def test_grasp_residual_format_roundtrip(tm, tmp_path) -> None:
@@ -70,9 +106,15 @@ def test_grasp_residual_format_roundtrip(tm, tmp_path) -> None:
     assert sorted(p.name for p in files) == ["grasp_residual.json", "grasp_residual.safetensors"]
     assert formats.detect_format(tmp_path / "g1") == "grasp_residual"
     back = formats.read_adapter(tmp_path / "g1")
-    assert back.metadata["channel_dims"] == {"ff": 1}
-    torch.testing.assert_close(back.modules["ff"].A, h.sites[0].adapter.down[1].detach())
-    torch.testing.assert_close(back.modules["ff"].B, h.sites[0].adapter.up[1].detach())
+    mod = back.modules["ff"]
+    assert isinstance(mod, ResidualModule) and (mod.channel_dim, mod.activation) == (1, "gelu")
+    torch.testing.assert_close(mod.D, h.sites[0].adapter.down[1].detach())
+    torch.testing.assert_close(mod.U, h.sites[0].adapter.up[1].detach())
+    # a composition of channel-first groups keeps its channel axis on disk
+    both = combine([grasp.group_adapter(h, 0), back], [0.5, 0.5])
+    formats.write_adapter(both, tmp_path / "both", format="grasp_residual")
+    again = formats.read_adapter(tmp_path / "both").modules["ff"]
+    assert isinstance(again, ResidualModule) and again.channel_dim == 1 and again.rank == 6
     (tmp_path / "g1" / "grasp_residual.json").write_text('{"format": "grasp_residual"}')
     with pytest.raises(FormatError, match="expected exactly the keys"):
         formats.read_adapter(tmp_path / "g1")
@@ -112,19 +154,50 @@ def test_add_to_bank_and_compose(tm, tmp_path) -> None:
     protos = {"head": Prototype(np.array([1.0, 0.0]), space), "medium": Prototype(np.array([0.0, 1.0]), space),
               2: Prototype(np.array([1.0, 1.0]), space)}
     bank = Bank.init(tmp_path / "bank")
-    cards = bank.add_grasp(ck, protos, id_prefix="toy")  # delegates to grasp.add_to_bank
+    assert not hasattr(bank, "add_grasp")  # the bank knows no GRASP: grasp.add_to_bank is the one bridge
+    cards = grasp.add_to_bank(bank, ck, protos, id_prefix="toy")
     assert [c.id for c in cards] == ["toy-head", "toy-medium", "toy-tail"]
     assert cards[0].format == "grasp_residual"
     loaded = bank.load_adapter("toy-tail")
-    assert next(iter(loaded.modules.values())).kind == "residual"
+    assert all(isinstance(mod, ResidualModule) for mod in loaded.modules.values())
     comp = compose(bank, Prototype(np.array([0.5, 0.5]), space), ids=["toy-head", "toy-medium"], strategy="avg")
     ref = combine([grasp.group_adapter(ck, "head"), grasp.group_adapter(ck, "medium")], [0.5, 0.5])
     for k, mod in comp.adapter.modules.items():
-        assert mod.kind == "residual"
-        torch.testing.assert_close(mod.B, ref.modules[k].B)
-        torch.testing.assert_close(mod.A, ref.modules[k].A)
+        want = ref.modules[k]
+        assert isinstance(mod, ResidualModule) and isinstance(want, ResidualModule)
+        torch.testing.assert_close(mod.U, want.U)
+        torch.testing.assert_close(mod.D, want.D)
     with pytest.raises(UnsupportedAdapterError):
         compose(bank, Prototype(np.array([0.5, 0.5]), space), ids=["toy-head", "toy-medium"], strategy="avg", rank=1)
     out = comp.save(tmp_path / "comp", format="grasp_residual")
     assert isinstance(formats.read_adapter(out), LoraAdapter)
     bank.close()
+
+
+def test_bank_does_not_import_grasp() -> None:
+    """``adapterbank.bank`` imports no ``adapterbank.grasp`` module, at import time or inside a function."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import adapterbank.bank
+
+    code = ("import sys, adapterbank.bank\n"
+            "bad = sorted(m for m in sys.modules if m.startswith('adapterbank.grasp'))\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr
+    files = sorted(Path(adapterbank.bank.__file__).parent.rglob("*.py"))
+    assert len(files) >= 4
+    for f in files:  # every import statement, module level or lazy inside a function
+        text = f.read_text()
+        assert "adapterbank.grasp" not in text, f
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [f"{node.module or ''}.{a.name}" for a in node.names] + [node.module or ""]
+            else:
+                continue
+            assert not any("grasp" in n.split(".") for n in names), (f, node.lineno, names)

@@ -396,23 +396,6 @@ class Bank:
             self._delete_unreferenced()
         return self.get(id)
 
-    def add_grasp(self, ckpt: str | Path, samples: Mapping[int | str, Any], **kw: Any) -> builtins.list[Card]:
-        """Add every group adapter of a GRASP checkpoint, each with its group prototype (Eq. 1).
-
-        ``samples`` maps a group (index or name) to a :class:`Prototype` or to that group's samples/prompts
-        (then pass ``encoder=``). Keyword arguments go to :func:`adapterbank.grasp.add_to_bank`
-        (``encoder``, ``id_prefix``, ``base_model``, ``tags``, ``description``, ``replace``, ``batch_size``).
-        Residual group adapters are stored in the ``grasp_residual`` format and compose exactly with
-        :func:`adapterbank.compose.compose`; ``kind="lora"`` groups are stored as PEFT adapters.
-
-        Example::
-
-            bank.add_grasp("grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)
-        """
-        from adapterbank.grasp import add_to_bank
-
-        return add_to_bank(self, ckpt, samples, **kw)
-
     @staticmethod
     def _stage_path(st: Staging, src: Path, format: str | None,  # noqa: A002
                     allow_pickle: bool) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:

@@ -51,7 +51,7 @@ from adapterbank.formats.peft import PREFIX as PEFT_PREFIX
 from adapterbank.formats.peft import member, peft_files, read_peft, write_peft
 from adapterbank.formats.pickle_convert import convert_pickle
 from adapterbank.formats.safetensors_io import check_header, load_file, pickle_kind, save_file
-from adapterbank.lora import LoraAdapter
+from adapterbank.lora import LoraAdapter, ResidualModule
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Format:
     | ``detect_keys`` | ``(tensor keys) -> bool`` for single-file formats: is a ``.safetensors`` with these keys one |
     | ``single_file`` | the adapter is one weights file (or the folder holding it); pickles are converted first |
     | ``family`` | the format composites of these adapters are written in by default (default: ``name``) |
-    | ``residual`` | holds GRASP residual modules (``kind="residual"``), which no ΔW format can hold |
+    | ``residual`` | holds GRASP :class:`~adapterbank.lora.ResidualModule` s, which no ΔW format can hold |
 
     Formats of one ``family`` are loaded by the same clients: kohya's family is diffusers
     (``pipe.load_lora_weights``), so a composite of kohya files is written as diffusers. A single-file
@@ -451,7 +451,7 @@ def write_adapter(
         raise FormatError("The 'extra_metadata' parameter of write_adapter must map str to str.")
     if not adapter.modules:
         raise FormatError("Cannot write an adapter with no modules.")
-    residual = [k for k, m in adapter.modules.items() if m.kind == "residual"]
+    residual = [k for k, m in adapter.modules.items() if isinstance(m, ResidualModule)]
     if residual and not fmt.residual:
         holders = " or ".join(f"format={f.name!r}" for f in FORMATS.values() if f.residual)
         raise FormatError(f"Modules {residual[:3]} are GRASP residual adapters, not LoRA weight updates; they can "

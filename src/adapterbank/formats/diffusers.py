@@ -213,7 +213,7 @@ def write_diffusers(
     p = Path(out)
     f = p if p.suffix == ".safetensors" else p / WEIGHT_NAME
     by_comp: dict[str, dict[str, LoraModule]] = {}
-    for name, m in adapter.modules.items():
+    for name, m in adapter.lora_modules("writing a diffusers LoRA").items():
         comp, _, rest = name.partition(".")
         if comp not in COMPONENTS or not rest:
             raise UnsupportedAdapterError(

@@ -5,12 +5,14 @@ weight update, so it has its own format that no LoRA loader mistakes for one.
 
 | key | shape | meaning |
 |---|---|---|
-| ``<site>.grasp_down.weight`` | (r, d_in) | D (``LoraModule.A``) |
-| ``<site>.grasp_up.weight`` | (d_out, r) | U (``LoraModule.B``) |
+| ``<site>.grasp_down.weight`` | (r, d_in) | D (``ResidualModule.D``) |
+| ``<site>.grasp_up.weight`` | (d_out, r) | U (``ResidualModule.U``) |
 
 ``grasp_residual.json``: ``{"format": "grasp_residual", "format_version": 1, "activation": "gelu",
 "base_model": ..., "modules": {"<site>": {"scale": s, "channel_dim": -1|1}}, "metadata": {...}}``.
-The reader is strict: unknown tensor keys, unknown JSON keys, missing factors, NaN/Inf raise.
+``scale`` and ``channel_dim`` are those of each :class:`~adapterbank.lora.ResidualModule`; every module's
+``activation`` is the file's. The reader is strict: unknown tensor keys, unknown JSON keys, missing factors,
+NaN/Inf raise.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from adapterbank._io import atomic_write_bytes
 from adapterbank.errors import FormatError, ShapeMismatchError
 from adapterbank.formats.peft import member
 from adapterbank.formats.safetensors_io import load_file, save_file
-from adapterbank.lora import LoraAdapter, LoraModule
+from adapterbank.lora import AdapterModule, LoraAdapter, ResidualModule
 
 __all__ = [
     "CONFIG_NAME",
@@ -41,7 +43,7 @@ CONFIG_NAME = "grasp_residual.json"
 WEIGHTS_NAME = "grasp_residual.safetensors"
 FORMAT_VERSION = 1
 ACTIVATION = "gelu"
-_SUFFIX = {".grasp_down.weight": "A", ".grasp_up.weight": "B"}
+_SUFFIX = {".grasp_down.weight": "D", ".grasp_up.weight": "U"}
 _TOP = {"format", "format_version", "activation", "base_model", "modules", "metadata"}
 
 
@@ -59,30 +61,35 @@ def grasp_residual_files(path: str | Path) -> dict[str, Path]:
 
 def write_grasp_residual(adapter: LoraAdapter, out: str | Path, *, base_model: str | None = None,
                          extra_metadata: Mapping[str, str] | None = None) -> list[Path]:
-    """Write an adapter of ``kind="residual"`` modules into the folder ``out``; returns the files.
+    """Write an adapter of :class:`ResidualModule` s into the folder ``out``; returns the files.
 
     >>> import tempfile, torch
-    >>> m = LoraModule(torch.ones(2, 3), torch.zeros(3, 2), 1.0, (3, 3), kind="residual")
+    >>> m = ResidualModule(torch.ones(2, 3), torch.zeros(3, 2), 1.0)
     >>> [p.name for p in write_grasp_residual(LoraAdapter({"blocks.0.ff": m}), tempfile.mkdtemp())]
     ['grasp_residual.json', 'grasp_residual.safetensors']
     """
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise FormatError(f"A {FORMAT_NAME} adapter is written into a folder; {d} is a file.")
-    bad = [k for k, m in adapter.modules.items() if m.kind != "residual"]
+    residual = {k: m for k, m in adapter.modules.items() if isinstance(m, ResidualModule)}
+    bad = [k for k in adapter.modules if k not in residual]
     if bad:
-        raise FormatError(f"The {FORMAT_NAME} format holds residual modules only; {bad[:3]} are of kind "
-                          f"{adapter.modules[bad[0]].kind!r} (write those as peft).")
-    if not adapter.modules:
+        raise FormatError(f"The {FORMAT_NAME} format holds GRASP residual modules only; {bad[:3]} are LoRA "
+                          "weight updates (write those as peft).")
+    if not residual:
         raise FormatError("Cannot write an adapter with no modules.")
+    other = sorted({m.activation for m in residual.values()} - {ACTIVATION})
+    if other:
+        raise FormatError(f"The {FORMAT_NAME} format holds φ = {ACTIVATION!r} residual modules only. Got activation "
+                          f"{other[0]!r} instead.")
     d.mkdir(parents=True, exist_ok=True)
     tensors = {}
     mods: dict[str, Any] = {}
-    for name, m in adapter.modules.items():
-        tensors[f"{name}.grasp_down.weight"] = m.A.contiguous()
-        tensors[f"{name}.grasp_up.weight"] = m.B.contiguous()
-        mods[name] = {"scale": float(m.scale), "channel_dim": int(adapter.metadata.get("channel_dims", {}).get(name, -1))}
-    meta = {k: v for k, v in adapter.metadata.items() if k not in ("format", "channel_dims")}
+    for name, m in residual.items():
+        tensors[f"{name}.grasp_down.weight"] = m.D.contiguous()
+        tensors[f"{name}.grasp_up.weight"] = m.U.contiguous()
+        mods[name] = {"scale": float(m.scale), "channel_dim": int(m.channel_dim)}
+    meta = {k: v for k, v in adapter.metadata.items() if k != "format"}
     cfg = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "activation": ACTIVATION,
            "base_model": base_model or adapter.base_model, "modules": mods,
            "metadata": json.loads(json.dumps(meta, default=str))}
@@ -124,20 +131,17 @@ def read_grasp_residual(path: str | Path, **caps: int) -> LoraAdapter:
     if set(factors) != set(mods_cfg):
         raise FormatError(f"{d}: the config lists modules {sorted(mods_cfg)[:3]} ... but the weights hold "
                           f"{sorted(factors)[:3]} ...")
-    modules = {}
-    channel_dims = {}
+    modules: dict[str, AdapterModule] = {}
     for name, f in factors.items():
-        if set(f) != {"A", "B"}:
+        if set(f) != {"D", "U"}:
             raise FormatError(f"{files[WEIGHTS_NAME]}: module {name!r} lacks its "
-                              f"{'down' if 'A' not in f else 'up'} factor.")
-        A, B = f["A"], f["B"]
-        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
-            raise ShapeMismatchError(f"{files[WEIGHTS_NAME]}: module {name!r} has down {tuple(A.shape)} and up "
-                                     f"{tuple(B.shape)}; expected (r, d_in) and (d_out, r).")
+                              f"{'down' if 'D' not in f else 'up'} factor.")
+        D, U = f["D"], f["U"]
+        if D.ndim != 2 or U.ndim != 2 or D.shape[0] != U.shape[1]:
+            raise ShapeMismatchError(f"{files[WEIGHTS_NAME]}: module {name!r} has down {tuple(D.shape)} and up "
+                                     f"{tuple(U.shape)}; expected (r, d_in) and (d_out, r).")
         mc = mods_cfg[name]
         if not isinstance(mc, dict) or set(mc) != {"scale", "channel_dim"}:
             raise FormatError(f"{files[CONFIG_NAME]}: modules[{name!r}] must have exactly 'scale' and 'channel_dim'.")
-        modules[name] = LoraModule(A, B, float(mc["scale"]), (int(B.shape[0]), int(A.shape[1])), kind="residual")
-        channel_dims[name] = int(mc["channel_dim"])
-    return LoraAdapter(modules, cfg["base_model"], {**cfg["metadata"], "format": FORMAT_NAME,
-                                                    "channel_dims": channel_dims})
+        modules[name] = ResidualModule(D, U, float(mc["scale"]), ACTIVATION, int(mc["channel_dim"]))
+    return LoraAdapter(modules, cfg["base_model"], {**cfg["metadata"], "format": FORMAT_NAME})

@@ -292,13 +292,14 @@ def write_kohya(
     ['a.safetensors']
     """
     p = Path(out)
-    te2 = any(k.startswith("text_encoder_2.") for k in adapter.modules)
+    mods = adapter.lora_modules("writing a kohya file")
+    te2 = any(k.startswith("text_encoder_2.") for k in mods)
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if te2 else "lora_te_", "text_encoder_2": "lora_te2_"}
     tensors: dict[str, torch.Tensor] = {}
     seen: dict[str, str] = {}
-    products = Counter(float(m.scale) * m.rank for m in adapter.modules.values() if m.scale != 0)
+    products = Counter(float(m.scale) * m.rank for m in mods.values() if m.scale != 0)
     common = products.most_common(1)[0][0] if products else 1.0
-    for name, m in adapter.modules.items():
+    for name, m in mods.items():
         comp, _, rest = name.partition(".")
         if comp not in prefixes or not rest:
             raise UnsupportedAdapterError(
@@ -324,7 +325,7 @@ def write_kohya(
     alphas = {float(t.item()) for k, t in tensors.items() if k.endswith(".alpha")}
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(max(m.rank for m in adapter.modules.values())),
+        "ss_network_dim": str(max(m.rank for m in mods.values())),
         "ss_network_alpha": repr(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
     }
     base = base_model or adapter.base_model

@@ -253,7 +253,7 @@ def write_peft(
     d = Path(out)
     if d.exists() and not d.is_dir():
         raise FormatError(f"A PEFT adapter is written into a directory; {d} is a file.")
-    mods = adapter.modules
+    mods = adapter.lora_modules("writing a PEFT adapter")
     cfg_math = lc.config_for(mods)
     linear = {k: m.transposed for k, m in mods.items() if m.kind == "linear"}
     fifo = any(linear.values())

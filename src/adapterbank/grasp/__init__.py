@@ -22,8 +22,8 @@ The whole flow on a toy denoiser (a diffusers DiT, PixArt, SD3, Sana or a transf
 >>> with grasp.route(model, part.assign("axolotl")):                            # every row → tail adapter
 ...     y = model(torch.randn(2, 3, 4), timestep=None)
 >>> ckpt = handle.save(tempfile.mkdtemp(), partitioner=part)                   # safetensors + JSON (partitioner)
->>> grasp.group_adapter(ckpt, "tail").modules["ff"].kind                       # ready for the bank
-'residual'
+>>> type(grasp.group_adapter(ckpt, "tail").modules["ff"]).__name__            # ready for grasp.add_to_bank
+'ResidualModule'
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Group adapters out of a GRASP checkpoint: as :class:`LoraAdapter` objects, files, and bank entries.
 
-A residual group adapter becomes a :class:`LoraAdapter` of ``kind="residual"`` modules (A = D_g, B = U_g,
-scale s) saved in the ``grasp_residual`` format; the bank's ``compose`` then combines groups exactly by
-concatenation, U* = [w_1 s_1 U_1 … w_k s_k U_k], D* = [D_1; …; D_k] (:func:`adapterbank.lora.combine`),
-and refuses SVD truncation or dense merging. A ``kind="lora"`` group adapter is an ordinary LoRA on the
-FFN linears and is written as PEFT (``PeftModel.from_pretrained`` loads it).
+A residual group adapter becomes a :class:`LoraAdapter` of :class:`~adapterbank.lora.ResidualModule` s
+(D_g, U_g, scale s, φ, channel axis) saved in the ``grasp_residual`` format; the bank's ``compose`` then
+combines groups exactly by concatenation, U* = [w_1 s_1 U_1 … w_k s_k U_k], D* = [D_1; …; D_k]
+(:func:`adapterbank.lora.combine`); a residual module has no ΔW, so SVD truncation and dense merging refuse
+it. A ``kind="lora"`` group adapter is an ordinary LoRA on the FFN linears and is written as PEFT
+(``PeftModel.from_pretrained`` loads it).
+
+:func:`add_to_bank` is the one bridge from GRASP to a bank: the bank itself knows nothing of GRASP.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import logging
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from adapterbank.errors import FormatError, ParameterError, ShapeMismatchError, UnknownNameError
 from adapterbank.grasp.inject import GraspHandle, inject, read_checkpoint
-from adapterbank.lora import LoraAdapter, LoraModule
+from adapterbank.lora import AdapterModule, LoraAdapter, LoraModule, ResidualModule
+
+if TYPE_CHECKING:
+    from adapterbank.bank import Bank, Card
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +61,20 @@ def group_adapter(handle_or_ckpt: GraspHandle | str | Path, group: int | str, *,
     >>> class B(nn.Module):
     ...     def __init__(self): super().__init__(); self.ff = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4))
     >>> a = group_adapter(inject(B(), n_groups=2, rank=2, seed=0), 1)
-    >>> a.modules["ff"].kind, a.modules["ff"].A.shape
-    ('residual', torch.Size([2, 4]))
+    >>> type(a.modules["ff"]).__name__, a.modules["ff"].D.shape
+    ('ResidualModule', torch.Size([2, 4]))
     """
     cfg, t = _source(handle_or_ckpt)
     g = group_ids(cfg, group)
-    mods: dict[str, LoraModule] = {}
-    channel_dims: dict[str, int] = {}
+    mods: dict[str, AdapterModule] = {}
     if cfg["kind"] == "residual":
         if cfg["activation"] != "gelu":
             raise FormatError(f"Only φ = GELU residual adapters can be exported (the bank's residual kind); this "
                               f"checkpoint uses activation {cfg['activation']!r}.")
         for s in cfg["sites"]:
             D, U = t[f"{s['name']}.down.{g}"], t[f"{s['name']}.up.{g}"]
-            mods[s["name"]] = LoraModule(D.detach().clone(), U.detach().clone(), float(cfg["scale"]),
-                                         (s["d_out"], s["d_in"]), kind="residual")
-            channel_dims[s["name"]] = int(s["channel_dim"])
+            mods[s["name"]] = ResidualModule(D.detach().clone(), U.detach().clone(), float(cfg["scale"]),
+                                             cfg["activation"], int(s["channel_dim"]))
     else:
         scale = float(cfg["lora_alpha"]) / int(cfg["rank"])
         for key in sorted(t):
@@ -81,8 +85,6 @@ def group_adapter(handle_or_ckpt: GraspHandle | str | Path, group: int | str, *,
     if not mods:
         raise FormatError(f"No adapter tensors found for group {g}.")
     meta: dict[str, Any] = {"grasp_group": cfg["group_names"][g], "grasp_group_id": g}
-    if channel_dims:
-        meta["channel_dims"] = channel_dims
     return LoraAdapter(mods, base_model or cfg.get("base_model"), meta)
 
 
@@ -100,14 +102,12 @@ def export_group(handle_or_ckpt: GraspHandle | str | Path, group: int | str, out
     from adapterbank.formats import write_adapter
 
     a = group_adapter(handle_or_ckpt, group, base_model=base_model)
-    residual = next(iter(a.modules.values())).kind == "residual"
-    if not residual:
-        a.metadata.pop("channel_dims", None)
+    residual = isinstance(next(iter(a.modules.values())), ResidualModule)
     return write_adapter(a, out, format="grasp_residual" if residual else "peft", base_model=base_model)
 
 
 def add_to_bank(
-    bank: Any,
+    bank: Bank,
     ckpt: str | Path,
     samples_or_prototypes: Mapping[int | str, Any],
     *,
@@ -118,16 +118,18 @@ def add_to_bank(
     description: str | None = None,
     replace: bool = False,
     batch_size: int = 32,
-) -> list[Any]:
+) -> list[Card]:
     """Add every group adapter of checkpoint ``ckpt`` to ``bank`` with its group prototype; returns the cards.
 
     ``samples_or_prototypes`` maps a group (id or name) to a :class:`~adapterbank.prototypes.Prototype` or
     to the group's samples/prompts, whose mean ``encoder`` feature (Eq. 1) becomes the prototype. Groups
     missing from the mapping are added without a prototype. Ids are ``<id_prefix>-<group name>``.
+    Residual group adapters are stored in the ``grasp_residual`` format and compose exactly with
+    :func:`adapterbank.compose.compose`; ``kind="lora"`` groups are stored as PEFT adapters.
 
     Example::
 
-        cards = add_to_bank(bank, "grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)
+        cards = grasp.add_to_bank(bank, "grasp-ckpt/", {"tail": tail_prompts}, encoder=enc)
     """
     from adapterbank.prototypes import Prototype, compute_prototype
 
@@ -143,7 +145,7 @@ def add_to_bank(
                 raise ParameterError(f"Group {names[g]!r} was given samples, not a Prototype: pass encoder=...")
             protos[g] = compute_prototype(encoder, list(val), batch_size=batch_size,
                                           description=f"GRASP group {names[g]} of {Path(ckpt).name}")
-    cards = []
+    cards: list[Card] = []
     with tempfile.TemporaryDirectory(prefix="adapterbank-grasp-") as tmp:
         for g, name in enumerate(names):
             out = Path(tmp) / f"g{g}"
@@ -173,9 +175,10 @@ def attach(model: nn.Module, adapter: LoraAdapter, **kw: Any) -> GraspHandle:
     >>> h2.config["rank"]
     4
     """
-    mods = adapter.modules
-    if not mods or any(m.kind != "residual" for m in mods.values()):
-        raise FormatError("attach() takes an adapter of residual modules (kind='residual').")
+    mods = {k: m for k, m in adapter.modules.items() if isinstance(m, ResidualModule)}
+    if not mods or len(mods) != len(adapter.modules):
+        raise FormatError("attach() takes an adapter of GRASP residual modules (ResidualModule); this one holds "
+                          "LoRA weight updates (load those with PEFT).")
     ranks = {m.rank for m in mods.values()}
     if len(ranks) != 1:
         raise ShapeMismatchError(f"attach() needs one rank at every site. Got ranks {sorted(ranks)}.")
@@ -183,12 +186,12 @@ def attach(model: nn.Module, adapter: LoraAdapter, **kw: Any) -> GraspHandle:
     try:
         for s in h.sites:
             m = mods[s.name]
-            if (s.d_out, s.d_in) != m.weight_shape:
+            if (s.d_out, s.d_in) != (m.d_out, m.d_in):
                 raise ShapeMismatchError(f"Site {s.name!r} is {s.d_in}→{s.d_out} but the adapter module is "
-                                         f"{m.weight_shape[1]}→{m.weight_shape[0]}.")
+                                         f"{m.d_in}→{m.d_out}.")
             with torch.no_grad():
-                s.adapter.down[0].copy_(m.A)  # type: ignore[union-attr, index]
-                s.adapter.up[0].copy_(m.B)  # type: ignore[union-attr, index]
+                s.adapter.down[0].copy_(m.D)  # type: ignore[union-attr, index]
+                s.adapter.up[0].copy_(m.U)  # type: ignore[union-attr, index]
             s.adapter.scale = float(m.scale)  # type: ignore[union-attr]
     except Exception:
         h.remove()
