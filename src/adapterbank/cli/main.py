@@ -67,20 +67,35 @@ def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
         atomic_write_bytes(f, json.dumps(data, indent=2).encode())
 
 
-def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
+def _bank_encoder(bank_dir: Path | None) -> tuple[str | None, int | None]:
+    """The encoder spec the bank's prototypes were made with, and their ``--max-length`` if it was not the
+    default (read from the recorded space keys, which end in ``|maxN`` then)."""
     if bank_dir is None or not (bank_dir / ENCODERS_FILE).exists():
-        return None
+        return None, None
     data = json.loads((bank_dir / ENCODERS_FILE).read_text())
     specs = sorted(set(data.values()))
     if len(specs) > 1:
         raise typer.BadParameter(f"The bank has prototypes from several encoders {specs}; pass --encoder.")
-    return specs[0] if specs else None
+    if not specs:
+        return None, None
+    lengths = sorted({int(m.group(1)) if (m := re.search(r"\|max(\d+)$", key)) else None for key in data},
+                     key=lambda n: -1 if n is None else n)
+    if len(lengths) > 1:
+        shown = ", ".join("the default" if n is None else str(n) for n in lengths)
+        raise typer.BadParameter(f"The bank has prototypes made with several --max-length values ({shown}); "
+                                 "pass --max-length.")
+    return specs[0], lengths[0]
 
 
 def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
+    """The encoder to use: ``spec`` (else the bank's, else ``default``), reading ``max_length`` tokens per text
+    (else what the bank's prototypes were made with, when the bank's encoder is used)."""
     from adapterbank.prototypes import load_encoder
 
-    spec = spec or _bank_encoder_spec(bank_dir) or "default"
+    if spec is None:
+        spec, bank_max = _bank_encoder(bank_dir)
+        max_length = max_length if max_length is not None else bank_max
+    spec = spec or "default"
     return load_encoder(_local(spec, "--encoder"), max_length=max_length), spec
 
 
