@@ -15,7 +15,7 @@ import torch
 from adapterbank.bank import Bank
 from adapterbank.errors import AdapterbankError, FormatError, NonFiniteError, UnknownNameError
 from adapterbank.evaluate import EvalResults, evaluate, load_evaluator, load_results, write_report
-from adapterbank.evaluate.cli_support import run_evaluate
+from adapterbank.cli.evaluate import run_evaluate
 from adapterbank.evaluate.results import RESULTS_SCHEMA
 
 STRATS = ("avg", "sim", "lin", "sparse", "nearest")

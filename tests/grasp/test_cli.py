@@ -8,7 +8,7 @@ import yaml
 from typer.testing import CliRunner
 
 from adapterbank.errors import FormatError
-from adapterbank.grasp.cli import app
+from adapterbank.cli.grasp import app
 from adapterbank.grasp.recipe import validate_config
 
 

@@ -81,3 +81,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path, cli) -> None:
 def test_max_length_without_an_encoder_to_set_is_refused(tmp_path: Path, cli) -> None:
     res = cli("add", tmp_path / "bank", tmp_path / "adapter", "--max-length", "512")
     assert res.returncode == 2 and "--max-length" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_search_uses_the_banks_max_length(tmp_path: Path, cli, tiny_llama, peft_adapter) -> None:
+    """A bank built with --max-length 512: later commands without the flag read 512 tokens too (same space)."""
+    tiny_peft_dir = peft_adapter(tiny_llama(0), tmp_path / "ad", seed=1)
+    bank = tmp_path / "bank"
+    assert cli("init", bank).returncode == 0
+    res = cli("add", bank, tiny_peft_dir, "--id", "long", "--description", LONG, "--max-length", "512")
+    assert res.returncode == 0, res.stderr
+    res = cli("search", bank, "--description", LONG, "--json")
+    assert res.returncode == 0, res.stderr
+    hits = json.loads(res.stdout)
+    assert "|max512" in hits["space"] and [h["id"] for h in hits["hits"]] == ["long"]
+    assert hits["hits"][0]["distance"] < 1e-6  # the same text in the same space

@@ -1,6 +1,6 @@
-"""The ``adapterbank`` command line: parse, validate, call one library function, print a summary.
+"""The ``adapterbank`` app and its bank, compose and demo commands; :func:`main` runs it.
 
-This is the only module that configures logging and prints.
+Only this package (:mod:`adapterbank.cli`) configures logging and prints.
 """
 
 from __future__ import annotations
@@ -16,39 +16,30 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from adapterbank.errors import AdapterbankError, AdapterbankWarning, ParameterError, PoolSmallerThanKWarning
+from adapterbank.cli.common import PARAM_HELP, PLUGIN_HELP, csv_list, strategy_params
+from adapterbank.cli.evaluate import evaluate_cmd
+from adapterbank.cli.render import (
+    card_table,
+    console,
+    json_option,
+    print_error,
+    print_json,
+    score_table,
+    show_warning,
+    weights_table,
+)
+from adapterbank.errors import AdapterbankError, ParameterError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar, every command
 
 
-class _Console(Console):
-    """A rich Console that never wraps a line or cuts a table cell when its stream is not a terminal.
-
-    Rich fits output into 80 columns when piped, cutting numbers to ``36.39…``; a pipe or a log gets every
-    digit instead (tables take their natural width, long lines stay one line).
-    """
-
-    def print(self, *objects: Any, **kw: Any) -> None:
-        if self.is_terminal:
-            return super().print(*objects, **kw)
-        kw.setdefault("soft_wrap", True)
-        saved, self.width = self._width, 1 << 16  # tables take their content's width, never padded to this
-        try:
-            super().print(*objects, **kw)
-        finally:
-            self._width = saved
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A bank of LoRA adapters with task prototypes: retrieve, weigh (sparse projection), merge exactly.")
-console = _Console()
-err = _Console(stderr=True, soft_wrap=True)  # an error or a note is one line, whatever the terminal width
 
 ENCODERS_FILE = "encoders.json"
 
@@ -76,20 +67,35 @@ def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
         atomic_write_bytes(f, json.dumps(data, indent=2).encode())
 
 
-def _bank_encoder_spec(bank_dir: Path | None) -> str | None:
+def _bank_encoder(bank_dir: Path | None) -> tuple[str | None, int | None]:
+    """The encoder spec the bank's prototypes were made with, and their ``--max-length`` if it was not the
+    default (read from the recorded space keys, which end in ``|maxN`` then)."""
     if bank_dir is None or not (bank_dir / ENCODERS_FILE).exists():
-        return None
+        return None, None
     data = json.loads((bank_dir / ENCODERS_FILE).read_text())
     specs = sorted(set(data.values()))
     if len(specs) > 1:
         raise typer.BadParameter(f"The bank has prototypes from several encoders {specs}; pass --encoder.")
-    return specs[0] if specs else None
+    if not specs:
+        return None, None
+    lengths = sorted({int(m.group(1)) if (m := re.search(r"\|max(\d+)$", key)) else None for key in data},
+                     key=lambda n: -1 if n is None else n)
+    if len(lengths) > 1:
+        shown = ", ".join("the default" if n is None else str(n) for n in lengths)
+        raise typer.BadParameter(f"The bank has prototypes made with several --max-length values ({shown}); "
+                                 "pass --max-length.")
+    return specs[0], lengths[0]
 
 
 def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
+    """The encoder to use: ``spec`` (else the bank's, else ``default``), reading ``max_length`` tokens per text
+    (else what the bank's prototypes were made with, when the bank's encoder is used)."""
     from adapterbank.prototypes import load_encoder
 
-    spec = spec or _bank_encoder_spec(bank_dir) or "default"
+    if spec is None:
+        spec, bank_max = _bank_encoder(bank_dir)
+        max_length = max_length if max_length is not None else bank_max
+    spec = spec or "default"
     return load_encoder(_local(spec, "--encoder"), max_length=max_length), spec
 
 
@@ -112,39 +118,6 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
     return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
 
 
-def _weights_table(title: str, rows: list[tuple[str, float, float]]) -> Table:
-    t = Table(title=title)
-    t.add_column("adapter")
-    t.add_column("distance", justify="right")
-    t.add_column("weight", justify="right")
-    for i, d, w in rows:
-        t.add_row(i, f"{d:.4g}", f"[bold]{w:+.4f}[/bold]" if abs(w) > 1e-9 else f"{w:+.4f}")
-    return t
-
-
-def _card_table(cards: list[Any]) -> Table:
-    t = Table()
-    for c in ("id", "base model", "format", "rank", "targets", "tags", "prototype spaces"):
-        t.add_column(c)
-    for c in cards:
-        t.add_row(c.id, str(c.base_model), c.format, str(c.rank), str(len(c.targets)), ",".join(c.tags),
-                  "\n".join(c.prototype_spaces))
-    return t
-
-
-def _csv(s: str | None) -> list[str]:
-    return [x.strip() for x in s.split(",") if x.strip()] if s else []
-
-
-def _json_option() -> Any:
-    return typer.Option(False, "--json", help="Print machine-readable JSON on stdout (and nothing else there).")
-
-
-def _print_json(doc: Any) -> None:
-    """``doc`` alone on stdout as plain JSON (``--json``): no colour, no wrapping; messages go to stderr."""
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
-
-
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".tsv", ".parquet", ".pq", ".txt", ".npy", ".safetensors",
                   ".bin", ".pt", ".pth", ".ckpt", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".py", ".yaml")
@@ -164,46 +137,6 @@ def _local(value: Any, flag: str) -> Any:
         f"download {s} --local-dir DIR` with huggingface_hub < 1.0), then pass DIR as {flag}.")
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: Any = None, line: str | None = None) -> None:
-    """adapterbank's own warnings as one line on stderr (``note: ...``); others as Python shows them."""
-    if issubclass(category, AdapterbankWarning):
-        label = "note" if issubclass(category, PoolSmallerThanKWarning) else "warning"
-        err.print(f"[yellow]{label}:[/yellow] {escape(str(message))}", highlight=False)
-    else:
-        _python_showwarning(message, category, filename, lineno, file, line)
-
-
-_python_showwarning = warnings.showwarning
-
-
-_PARAM_HELP = ("Strategy parameter NAME=VALUE (repeatable), checked against the strategy table, e.g. "
-               "--param lam_rel=0.5; STRATEGY.NAME=VALUE for one strategy, e.g. --param sim.tau_rel=2.")
-_PLUGIN_HELP = ("module:function (or file.py:function) called before anything else, e.g. to register_strategy() "
-                "your own strategy (repeatable).")
-
-
-def _strategy_params(plugins: list[str] | None, specs: list[str] | None, strategies: list[str] | str,
-                     legacy: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, dict[str, float]]]:
-    """Run the --strategy-plugin hooks, then ({strategies}, {strategy: {param: value}}) from --param and the
-    older per-parameter flags (``legacy``); a parameter given both ways is refused."""
-    from adapterbank.compose.strategies import STRATEGIES, parse_param_specs
-    from adapterbank.errors import ParameterError
-    from adapterbank.evaluate.evaluator import load_callable
-
-    for spec in plugins or []:
-        load_callable(spec, "strategy plugin")()
-    names = list(STRATEGIES) if strategies == "all" else list(strategies)
-    params = parse_param_specs(specs or [], names)
-    for strat, vals in legacy.items():
-        for name, value in vals.items():
-            if name in params.get(strat, {}):
-                raise ParameterError(f"The '{name}' parameter of {strat} is given twice (--param and "
-                                     f"--{name.replace('_', '-')}). Give it once.")
-            params.setdefault(strat, {})[name] = value
-    return names, params
-
-
 # The format table lives in adapterbank.formats (it imports torch): --help names the command that lists it.
 _FORMATS_HINT = "a name from `adapterbank formats`"
 
@@ -220,14 +153,14 @@ def init(bank: Path = typer.Argument(..., help="Directory to create the bank in.
 
 
 @app.command("formats")
-def formats_cmd(json_out: bool = _json_option()) -> None:
+def formats_cmd(json_out: bool = json_option()) -> None:
     """List the adapter file formats (name, layout, default composite format) from the formats table."""
     from adapterbank.formats import FORMATS
 
     rows = [{"name": f.name, "description": f.description, "composites_as": f.family, "single_file": f.single_file}
             for f in FORMATS.values()]
     if json_out:
-        _print_json(rows)
+        print_json(rows)
         return
     t = Table(title="adapter formats")
     for c in ("name", "layout", "composites written as"):
@@ -273,7 +206,7 @@ def add(
         else:
             proto = describe(enc, description)
         _remember_encoder(bank, proto.space.key, spec)
-    card = b.add(source, id=id, prototype=proto, description=description, tags=_csv(tags), license=license,
+    card = b.add(source, id=id, prototype=proto, description=description, tags=csv_list(tags), license=license,
                  source_url=source_url, base_model=base, format=format, allow_pickle=allow_pickle, replace=replace)
     console.print(f"Added [bold]{card.id}[/bold] ({card.format}, base {card.base_model}, rank {card.rank}, "
                   f"{len(card.targets)} modules)" + (f", prototype in {proto.space.key}" if proto else ", no prototype"))
@@ -281,20 +214,20 @@ def add(
 
 @app.command("list")
 def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None),
-          json_: bool = _json_option()) -> None:
+          json_: bool = json_option()) -> None:
     """List the adapters in the bank."""
-    cards = _open(bank).list(base_model=base, tags=_csv(tag) or None)
+    cards = _open(bank).list(base_model=base, tags=csv_list(tag) or None)
     if json_:
-        return _print_json([c.to_dict() for c in cards])
-    console.print(_card_table(cards))
+        return print_json([c.to_dict() for c in cards])
+    console.print(card_table(cards))
 
 
 @app.command()
-def show(bank: Path, id: str, json_: bool = _json_option()) -> None:
+def show(bank: Path, id: str, json_: bool = json_option()) -> None:
     """Show one adapter's card as JSON."""
     card = _open(bank).get(id).to_dict()
     if json_:
-        return _print_json(card)
+        return print_json(card)
     console.print_json(json.dumps(card, default=str))
 
 
@@ -364,14 +297,14 @@ def search(
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
-    json_: bool = _json_option(),
+    json_: bool = json_option(),
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
-    hits = b.search(p, k=k, base_model=base, tags=_csv(tag) or None)
+    hits = b.search(p, k=k, base_model=base, tags=csv_list(tag) or None)
     if json_:
-        return _print_json({"space": p.space.key, "k": k, "hits": [{"id": h.id, "distance": h.distance} for h in hits]})
+        return print_json({"space": p.space.key, "k": k, "hits": [{"id": h.id, "distance": h.distance} for h in hits]})
     t = Table(title=f"top-{k} in {p.space.key}")
     t.add_column("adapter")
     t.add_column("squared distance", justify="right")
@@ -390,8 +323,8 @@ def compose_cmd(
     k: int = typer.Option(5, "-k", help="How many adapters to retrieve."),
     strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse, nearest or one a --strategy-plugin "
                                  "registers (adapterbank.compose.STRATEGIES)."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help=_PARAM_HELP),
-    strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=_PLUGIN_HELP),
+    param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
+    strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=PLUGIN_HELP),
     lam: Optional[float] = typer.Option(None, help="Sparse: absolute λ (default: scale-free, see --lam-rel)."),
     lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
     tau: Optional[float] = typer.Option(None, help="Sim: absolute temperature τ."),
@@ -411,27 +344,27 @@ def compose_cmd(
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
-    json_: bool = _json_option(),
+    json_: bool = json_option(),
 ) -> None:
     """Retrieve, weigh and merge adapters for a target task into one composite adapter."""
     from adapterbank.compose import RECIPE_FILE, compose
     from adapterbank.compose.compose import default_output_format
 
     legacy = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
-    _, by_strategy = _strategy_params(strategy_plugin, param, [strategy], {strategy: legacy} if legacy else {})
+    _, by_strategy = strategy_params(strategy_plugin, param, [strategy], {strategy: legacy} if legacy else {})
     params = by_strategy.get(strategy, {})
     b = _open(bank)
     _local(merge_into, "--merge-into")
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
-    comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=_csv(tag) or None,
-                   exclude=_csv(exclude), ids=_csv(ids) or None, rank=rank, max_rank=max_rank,
+    comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=csv_list(tag) or None,
+                   exclude=csv_list(exclude), ids=csv_list(ids) or None, rank=rank, max_rank=max_rank,
                    lambda_path=lambda_path)
     path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
     fmt = default_output_format(comp.source_formats, format)
     if json_:
-        return _print_json({"out": str(path), "format": fmt, **json.loads((path / RECIPE_FILE).read_text())})
+        return print_json({"out": str(path), "format": fmt, **json.loads((path / RECIPE_FILE).read_text())})
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
-    console.print(_weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
+    console.print(weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
                                  comp.weight_table()))
     if comp.truncation_error:
         errs = comp.truncation_error.values()
@@ -443,64 +376,7 @@ def compose_cmd(
     console.print(f"Wrote {fmt} composite to [bold]{path}[/bold] (recipe in composition.json)")
 
 
-@app.command("evaluate")
-def evaluate_cmd(
-    bank: Path,
-    evaluator: str = typer.Option(..., "--evaluator", help="The scoring function, as module:function "
-                                  "(or path/to/file.py:function): (adapter | None, task) -> {metric: value}."),
-    strategies: str = typer.Option("all", help="Comma-separated strategies, or 'all'."),
-    k: int = typer.Option(5, "-k", help="Adapters retrieved per target."),
-    out: Path = typer.Option(Path("report"), "-o", "--out", help="Report folder (results.json/md, PNGs, index.html)."),
-    include_self: bool = typer.Option(False, help="Keep each target's own adapter in the pool (Table 6 ablation)."),
-    sweep_k: Optional[str] = typer.Option(None, help="Extra k values, e.g. '1-8' or '2,4,8'."),
-    sweep_lam: Optional[str] = typer.Option(None, help="Extra λ_rel values for sparse, e.g. '0.01,0.1,1'."),
-    lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
-    tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
-    param: Optional[list[str]] = typer.Option(None, "--param", help=_PARAM_HELP),
-    strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=_PLUGIN_HELP),
-    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: OUT/.cache); a rerun computes only what changed."),
-    lower_is_better: Optional[str] = typer.Option(None, help="Comma-separated metrics where lower is better."),
-    plots: bool = typer.Option(True, help="Write PNG plots."),
-    target_prototypes: Optional[Path] = typer.Option(
-        None, help="Folder of <adapter id>.npy prototypes (from `adapterbank prototype`) of each target's own "
-        "held-out data, used instead of the bank prototype; needed for a meaningful --include-self."),
-    json_: bool = _json_option(),
-) -> None:
-    """Leave-one-out: each adapter's task is composed from the others and scored by your evaluator."""
-    from adapterbank.evaluate import load_results
-    from adapterbank.evaluate.cli_support import run_evaluate
-    from adapterbank.evaluate.report import score_rows
-    from adapterbank.evaluate.results import display_name
-
-    from adapterbank.evaluate.cli_support import parse_strategies
-
-    legacy: dict[str, dict[str, float]] = {}
-    if lam_rel is not None:
-        legacy["sparse"] = {"lam_rel": lam_rel}
-    if tau_rel is not None:
-        legacy["sim"] = {"tau_rel": tau_rel}
-    strats, params = _strategy_params(strategy_plugin, param, parse_strategies(strategies), legacy)
-    low = _csv(lower_is_better)
-    if include_self and target_prototypes is None:
-        err.print("[yellow]note:[/yellow] with --include-self and no --target-prototypes each target's own adapter "
-                  "is at distance 0 from its bank prototype, so Nearest, Lin and Sparse give it all the weight.")
-    path = run_evaluate(bank, evaluator, strats, k, out, include_self, sweep_k, sweep_lam,
-                        cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
-                        params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes)
-    res = load_results(path / "results.json")
-    if json_:
-        return _print_json({"report": str(path / "index.html"), "results": str(path / "results.json"),
-                            "lower_is_better": low, "scores": {m: res.table(m) for m in res.metrics}})
-    for metric in res.metrics:
-        cols, rows = score_rows(res, metric, metric in low)
-        t = Table(title=f"{metric} ({'lower' if metric in low else 'higher'} is better; bold: best zero-shot)")
-        t.add_column("target")
-        for c in cols:
-            t.add_column(display_name(c), justify="right")
-        for label, cells in rows:
-            t.add_row(label, *[f"[bold]{txt}[/bold]" if bold else txt for txt, bold in cells])
-        console.print(t)
-    console.print(f"Report: [bold]{path / 'index.html'}[/bold]")
+app.command("evaluate")(evaluate_cmd)
 
 
 @app.command()
@@ -522,11 +398,10 @@ def demo(
     from transformers.utils import logging as hf_logging
 
     from adapterbank.demo import QUICK, run_demo, weight_table
-    from adapterbank.evaluate.report import score_rows
     from adapterbank.evaluate.results import display_name
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with the status line
-    tgt = _csv(targets) or (QUICK["targets"] if quick else None)
+    tgt = csv_list(targets) or (QUICK["targets"] if quick else None)
     extra: dict[str, Any] = ({"n_test": QUICK["n_test"], "proto_n": QUICK["proto_n"], "plots": False} if quick
                              else {"plots": plots})
     threads_before = torch.get_num_threads()
@@ -546,14 +421,8 @@ def demo(
             torch.set_num_threads(threads_before)
     results = res.results
     for metric in results.metrics:
-        cols, rows = score_rows(results, metric)
-        t = Table(title=f"{metric} on each held-out domain's test queries (bold: best zero-shot; k={k})")
-        t.add_column("target")
-        for c in cols:
-            t.add_column(display_name(c), justify="right")
-        for label, cells in rows:
-            t.add_row(label, *[f"[bold]{txt}[/bold]" if bold else txt for txt, bold in cells])
-        console.print(t)
+        console.print(score_table(results, metric, f"{metric} on each held-out domain's test queries "
+                                                   f"(bold: best zero-shot; k={k})"))
     for target in results.targets:
         ids, wrows = weight_table(res, target)
         t = Table(title=f"weights composing '{target}' from the others (d: prototype distance)")
@@ -586,7 +455,7 @@ class _GraspGroup(TyperGroup):
 
     @cached_property
     def _real(self) -> Any:
-        from adapterbank.grasp.cli import app as grasp_app
+        from adapterbank.cli.grasp import app as grasp_app
 
         return typer.main.get_command(grasp_app)
 
@@ -604,15 +473,15 @@ app.add_typer(typer.Typer(), name="grasp", cls=_GraspGroup, no_args_is_help=True
 def main() -> None:
     logging.basicConfig(level=os.environ.get("ADAPTERBANK_LOG", "WARNING"),
                         format="%(levelname)s %(name)s: %(message)s")
-    warnings.showwarning = _show_warning
+    warnings.showwarning = show_warning
     try:
         app()
     except AdapterbankError as e:
-        err.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
+        print_error(e)
         sys.exit(2)
     except OSError as e:  # last resort: an operating-system error our library did not word (one line, no traceback)
-        msg = f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror else str(e) or type(e).__name__
-        err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
+        print_error(f"{e.filename}: {e.strerror}" if e.filename is not None and e.strerror
+                    else str(e) or type(e).__name__)
         sys.exit(2)
 
 

@@ -10,19 +10,16 @@ import logging
 from pathlib import Path
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from adapterbank.cli.render import console, print_error
 from adapterbank.errors import AdapterbankError
 
 app = typer.Typer(help="GRASP: group residual adapters routed by a static partition.", no_args_is_help=True)
-console = Console()
-err = Console(stderr=True, soft_wrap=True)  # an error is one line, never wrapped at the terminal width
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+    print_error(e)
     raise typer.Exit(code=2)
 
 
