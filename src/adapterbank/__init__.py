@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from adapterbank._versions import versions
 
 if TYPE_CHECKING:
-    from adapterbank.lora import LoraAdapter, LoraModule, combine, truncate
+    from adapterbank.lora import LoraAdapter, LoraModule, ResidualModule, combine, truncate
 
 __version__ = "0.1.0"
 
-__all__ = ["LoraAdapter", "LoraModule", "combine", "truncate", "versions", "__version__"]
+__all__ = ["LoraAdapter", "LoraModule", "ResidualModule", "combine", "truncate", "versions", "__version__"]
 
-_LAZY = {"LoraAdapter", "LoraModule", "combine", "truncate"}  # all from adapterbank.lora (imports torch)
+_LAZY = {"LoraAdapter", "LoraModule", "ResidualModule", "combine", "truncate"}  # all from adapterbank.lora (imports torch)
 
 
 def __getattr__(name: str) -> Any:
