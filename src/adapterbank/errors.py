@@ -101,3 +101,8 @@ class AdapterbankWarning(UserWarning):
 
 class PoolSmallerThanKWarning(AdapterbankWarning):
     """Fewer adapters matched than the ``k`` asked for; the smaller pool was used."""
+
+
+class LambdaAtHullWarning(AdapterbankWarning):
+    """The sparse strategy's λ is at or above λ_max: its weights are the projection onto the convex hull of the
+    retrieved prototypes (no negative weight), and a larger λ changes nothing."""
