@@ -2,7 +2,8 @@
 
 Each class also inherits the matching built-in, so ``except ValueError`` keeps working for callers
 that do not know about adapterbank. Messages say which file, which key, what was expected and what was
-found: ``The 'rank' parameter of truncate must be a positive int. Got -3 instead.``
+found: ``The 'rank' parameter of truncate must be an int ≥ 1. Got -3 instead.`` (one template, see
+:mod:`adapterbank._validation`).
 """
 
 from __future__ import annotations

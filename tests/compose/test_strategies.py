@@ -97,7 +97,7 @@ def test_register_and_unregister_a_strategy() -> None:
             register_strategy(row)
         register_strategy(row, replace=True)
         assert parse_param_specs(["share=0.5"], ["avg", "first"]) == {"first": {"share": 0.5}}
-        with pytest.raises(ParameterError, match="The 'share' parameter of first must be a number in \[0, 1\]. Got '2' instead."):
+        with pytest.raises(ParameterError, match=r"The 'share' parameter of first must be a number in \[0, 1\]. Got '2' instead."):
             parse_param_specs(["first.share=2"], ["first"])
     finally:
         unregister_strategy("first")
