@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from adapterbank.errors import (
+    BaseModelMismatchError,
+    NonFiniteError,
+    ParameterError,
+    ShapeMismatchError,
+    UnsupportedAdapterError,
+)
 from adapterbank.lora import LoraAdapter, LoraModule, ResidualModule, combine, lora_scale, merge_into, truncate
 
 RTOL = 1e-5
@@ -457,7 +463,7 @@ def test_truncate_zero_module() -> None:
 def test_truncate_rejects_bad_rank() -> None:
     a = LoraAdapter({"fc": LoraModule(torch.ones(2, 3), torch.ones(4, 2), 1.0, (4, 3))})
     for bad in (0, -1, 2.5, True, "2"):
-        with pytest.raises(ShapeMismatchError, match="'rank' parameter of truncate"):
+        with pytest.raises(ParameterError, match="'rank' parameter of truncate"):
             truncate(a, bad)  # type: ignore[arg-type]
 
 

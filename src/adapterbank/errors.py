@@ -2,7 +2,8 @@
 
 Each class also inherits the matching built-in, so ``except ValueError`` keeps working for callers
 that do not know about adapterbank. Messages say which file, which key, what was expected and what was
-found: ``The 'rank' parameter of truncate must be a positive int. Got -3 instead.``
+found: ``The 'rank' parameter of truncate must be an int ≥ 1. Got -3 instead.`` (one template, see
+:mod:`adapterbank._validation`).
 """
 
 from __future__ import annotations
@@ -101,3 +102,8 @@ class AdapterbankWarning(UserWarning):
 
 class PoolSmallerThanKWarning(AdapterbankWarning):
     """Fewer adapters matched than the ``k`` asked for; the smaller pool was used."""
+
+
+class LambdaAtHullWarning(AdapterbankWarning):
+    """The sparse strategy's λ is at or above λ_max: its weights are the projection onto the convex hull of the
+    retrieved prototypes (no negative weight), and a larger λ changes nothing."""

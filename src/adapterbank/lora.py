@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import torch
 
+from adapterbank._validation import check_int
 from adapterbank.errors import BaseModelMismatchError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
 
 ModuleKind = Literal["linear", "conv", "embedding"]
@@ -422,8 +423,7 @@ def truncate(
     >>> round(err["fc"], 6), torch.allclose(t.modules["fc"].delta(), m.delta(), atol=1e-4)
     (0.0, True)
     """
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ShapeMismatchError(f"The 'rank' parameter of truncate must be a positive int. Got {rank!r} instead.")
+    rank = check_int(rank, "rank", "truncate", low=1)
     cdt = _compute_dtype(dtype)
     mods: dict[str, AdapterModule] = {}
     errs: dict[str, float] = {}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from adapterbank.bank import Hit, Index, NumpyIndex
-from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
+from adapterbank.errors import NonFiniteError, ParameterError, ShapeMismatchError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def test_bad_queries_are_refused(backend: Backend) -> None:
     with pytest.raises(NonFiniteError):
         idx.search(np.array([np.nan] + [0.0] * 7), 3)
     for k in (0, -1, 10_001, 2.5, True):
-        with pytest.raises(ShapeMismatchError, match="'k'"):
+        with pytest.raises(ParameterError, match="'k'"):
             idx.search(np.zeros(8), k)  # type: ignore[arg-type]
     with pytest.raises(UnknownNameError, match="base_model"):
         idx.search(np.zeros(8), 3, where={"basemodel": "m0"})

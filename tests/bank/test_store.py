@@ -17,6 +17,7 @@ from adapterbank.errors import (
     BankError,
     ConflictError,
     NonFiniteError,
+    ParameterError,
     PrototypeSpaceError,
     ShapeMismatchError,
     UnknownNameError,
@@ -305,7 +306,7 @@ def test_search_argument_errors(bank: Bank, make_adapter: Any, make_proto: Any, 
     with pytest.raises(NonFiniteError):
         bank.search(np.full(8, np.nan), k=2)
     for k in (0, -3, 10_001):
-        with pytest.raises(ShapeMismatchError, match="'k'"):
+        with pytest.raises(ParameterError, match="'k'"):
             bank.search(make_proto(0), k=k)
     with pytest.raises(UnknownNameError, match="No prototypes in space"):
         bank.search(np.zeros(8), space="nope")

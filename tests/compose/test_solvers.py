@@ -222,7 +222,7 @@ def test_shapes_and_parameters() -> None:
         solve_lin(P[0], t)
     with pytest.raises(ShapeMismatchError):
         solve_lin(np.zeros((0, 4)), t)
-    with pytest.raises(ValueError, match="The 'lam' parameter of sparse must be ≥ 0. Got -1 instead."):
+    with pytest.raises(ValueError, match="The 'lam' parameter of sparse must be a number ≥ 0. Got -1 instead."):
         solve_sparse(P, t, -1)
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from adapterbank.errors import FormatError, NonFiniteError
+from adapterbank.errors import FormatError, NonFiniteError, ParameterError
 from adapterbank.evaluate.bootstrap import (
     Interval,
     bootstrap_replicates,
@@ -117,8 +117,8 @@ def test_constant_and_zero_differences() -> None:
         (([1.0, 2.0], [1.0]), {}, FormatError, "same, non-zero length"),
         (([], []), {}, FormatError, "same, non-zero length"),
         (([1.0, float("nan")], [1.0, 2.0]), {}, NonFiniteError, "non-finite"),
-        (([1.0, 2.0], [1.0, 2.0]), {"n_boot": 0}, FormatError, "'n_boot'"),
-        (([1.0, 2.0], [1.0, 2.0]), {"ci": 1.0}, FormatError, "'ci'"),
+        (([1.0, 2.0], [1.0, 2.0]), {"n_boot": 0}, ParameterError, "'n_boot'"),
+        (([1.0, 2.0], [1.0, 2.0]), {"ci": 1.0}, ParameterError, "'ci'"),
     ],
 )
 def test_bad_inputs(args: tuple, kw: dict, err: type, pattern: str) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from adapterbank.bank import Bank
-from adapterbank.errors import AdapterbankError, FormatError, NonFiniteError, UnknownNameError
+from adapterbank.errors import AdapterbankError, FormatError, NonFiniteError, ParameterError, UnknownNameError
 from adapterbank.evaluate import EvalResults, evaluate, load_evaluator, load_results, write_report
 from adapterbank.cli.evaluate import run_evaluate
 from adapterbank.evaluate.results import RESULTS_SCHEMA
@@ -234,7 +234,7 @@ def test_bad_arguments(toy_bank: Any, delta_eval: Any) -> None:
         _run(toy_bank, delta_eval, targets=["zz"])
     with pytest.raises(FormatError, match="'params' parameter"):
         _run(toy_bank, delta_eval, params={"lam_rel": 0.1})
-    with pytest.raises(FormatError, match="'k' parameter"):
+    with pytest.raises(ParameterError, match="'k' parameter"):
         _run(toy_bank, delta_eval, k=0)
     with pytest.raises(UnknownNameError, match="no entry in 'tasks'"):
         _run(toy_bank, delta_eval, targets=["t"], tasks={"a": {}})

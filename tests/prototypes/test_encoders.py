@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapterbank.errors import EncoderError, ShapeMismatchError, UnknownNameError
+from adapterbank.errors import EncoderError, ParameterError, ShapeMismatchError, UnknownNameError
 from adapterbank.prototypes import (
     CallableEncoder,
     HFTextEncoder,
@@ -264,5 +264,5 @@ def test_max_length_is_recorded_and_only_for_text_encoders(tiny_bert_dir: Path, 
             load_encoder(spec, max_length=128)
     assert load_encoder(tiny_vit_dir).space.max_length is None
     assert CallableEncoder(len, name="n", dim=1).space.max_length is None
-    with pytest.raises(EncoderError, match="max_length"):
+    with pytest.raises(ParameterError, match="max_length"):
         load_encoder(tiny_bert_dir, max_length="long")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterbank.errors import EncoderError, FormatError, ParameterError
+from adapterbank.errors import FormatError, ParameterError
 from adapterbank.prototypes import describe_source, iter_batches, iter_items
 
 ROWS = [{"id": i, "prompt": f"prompt number {i}", "label": i % 3} for i in range(11)]
@@ -140,9 +140,9 @@ def test_image_folder_sorted_rgb(image_folder: Path) -> None:
 
 
 def test_bad_parameters_and_bad_image(tmp_path: Path) -> None:
-    with pytest.raises(EncoderError, match="'batch_size' parameter of iter_batches must be a positive int. Got 0"):
+    with pytest.raises(ParameterError, match="'batch_size' parameter of iter_batches must be an int ≥ 1. Got 0"):
         list(iter_batches(["a"], 0))
-    with pytest.raises(EncoderError, match="'limit' parameter"):
+    with pytest.raises(ParameterError, match="'limit' parameter"):
         list(iter_batches(["a"], 1, limit=-1))
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(FormatError, match="broken.png: not a readable image"):

@@ -27,11 +27,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from adapterbank._validation import MAX_K, check_k
 from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
 
-__all__ = ["Hit", "Index", "NumpyIndex", "WHERE_KEYS", "MAX_K", "check_k"]
+__all__ = ["Hit", "Index", "NumpyIndex", "WHERE_KEYS", "MAX_K"]
 
-MAX_K = 10_000
 WHERE_KEYS = ("base_model", "tags")
 _U32 = 2.0**-24  # unit roundoff of float32
 _SLACK = 8  # candidates beyond k re-ranked exactly; the rounding certificate widens the set when needed
@@ -60,21 +60,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "distance": self.distance}
-
-
-def check_k(k: object) -> int:
-    """Validate the number of neighbours asked for: an int in [1, 10 000].
-
-    >>> check_k(5)
-    5
-    >>> check_k(0)
-    Traceback (most recent call last):
-    ...
-    adapterbank.errors.ShapeMismatchError: The 'k' parameter of search must be an int in [1, 10000]. Got 0 instead.
-    """
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= int(k) <= MAX_K:
-        raise ShapeMismatchError(f"The 'k' parameter of search must be an int in [1, {MAX_K}]. Got {k!r} instead.")
-    return int(k)
 
 
 def _check_where(where: Mapping[str, Any] | None) -> tuple[str | None, tuple[str, ...]]:
@@ -267,7 +252,7 @@ class NumpyIndex:
 
     # -- search ------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int, *, where: Mapping[str, Any] | None = None) -> list[Hit]:
-        k = check_k(k)
+        k = check_k(k, "search")
         q = _check_query(query, self._dim)
         bm, tags = _check_where(where)
         if not self._ids:

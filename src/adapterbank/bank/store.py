@@ -44,10 +44,11 @@ from adapterbank._io import (
     validate_name,
     writing,
 )
+from adapterbank._validation import MAX_K, check_k
 from adapterbank._versions import versions
 from adapterbank.bank.blobs import BlobStore, Staging
 from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, Catalog
-from adapterbank.bank.index import MAX_K, Hit, Index, NumpyIndex, check_k
+from adapterbank.bank.index import Hit, Index, NumpyIndex
 from adapterbank.errors import (
     AdapterbankError,
     BankError,
@@ -731,7 +732,7 @@ class Bank:
         ``space=`` when the bank has several spaces. Fewer than ``k`` hits come back when fewer match, with a
         :class:`~adapterbank.errors.PoolSmallerThanKWarning`.
         """
-        k = check_k(k)
+        k = check_k(k, "search")
         if isinstance(query, Prototype):
             vec = query.vector
         else:

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapterbank._io import atomic_dir, atomic_write_bytes
+from adapterbank._validation import check_int, check_k
 from adapterbank._versions import versions
 from adapterbank.compose.strategies import WeightResult, compute_weights, get_strategy
-from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, ShapeMismatchError
+from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError
 from adapterbank.formats import FORMATS
 from adapterbank.lora import LoraAdapter, combine, truncate
 from adapterbank.prototypes.space import Prototype
@@ -209,11 +210,9 @@ def compose(
     get_strategy(strategy)  # an unknown name fails before any file is read
     if not isinstance(target, Prototype):
         raise TypeError(f"compose() needs a Prototype as target. Got {type(target).__name__} instead.")
-    if not isinstance(k, int) or k <= 0:
-        raise ShapeMismatchError(f"The 'k' parameter of compose must be a positive int. Got {k!r} instead.")
-    if max_rank is not None and (not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank <= 0):
-        raise ParameterError(f"The 'max_rank' parameter of compose (--max-rank) must be a positive int. "
-                             f"Got {max_rank!r} instead.")
+    k = check_k(k, "compose")
+    rank = check_int(rank, "rank", "compose", low=1, optional=True)
+    max_rank = check_int(max_rank, "max_rank", "compose", low=1, optional=True)
     if max_rank is not None and rank is not None:
         raise ParameterError("Give either 'rank' (--rank) or 'max_rank' (--max-rank), not both: both cap the rank.")
     excl = list(exclude)

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg.lapack import dgesv as _dgesv
 
+from adapterbank._validation import message
 from adapterbank.errors import NonFiniteError, ParameterError, ShapeMismatchError, SolverError
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,9 @@ def check_problem(P: np.ndarray, t: np.ndarray, what: str = "solver") -> tuple[n
 def _check_lam(lam: float | np.ndarray, what: str) -> np.ndarray:
     arr = np.asarray(lam, dtype=np.float64)
     if not np.isfinite(arr).all():
-        raise NonFiniteError(f"The 'lam' parameter of {what} must be finite. Got {lam!r} instead.")
+        raise NonFiniteError(message("lam", what, "finite", lam))
     if (arr < 0).any():
-        raise ParameterError(f"The 'lam' parameter of {what} must be ≥ 0. Got {lam!r} instead.")
+        raise ParameterError(message("lam", what, "a number ≥ 0" if arr.ndim == 0 else "numbers ≥ 0", lam))
     return arr
 
 

@@ -30,15 +30,16 @@ lookup (:func:`get_strategy`) all read it. :func:`register_strategy` adds a row 
 
 from __future__ import annotations
 
-import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from adapterbank._validation import Bounds
 from adapterbank.compose.solvers import ParameterError, check_problem, lambda_max, solve_lin, solve_sparse
-from adapterbank.errors import NonFiniteError, SolverError, UnknownNameError
+from adapterbank.errors import LambdaAtHullWarning, SolverError, UnknownNameError
 
 __all__ = ["WeightResult", "Param", "Strategy", "STRATEGIES", "get_strategy", "register_strategy",
            "unregister_strategy", "parse_param_specs", "compute_weights", "distances", "distance_scale",
@@ -68,7 +69,7 @@ class Param:
     >>> Param("lam", "number", 0.0, None, None, "absolute λ").check("sparse", -1)
     Traceback (most recent call last):
     ...
-    adapterbank.errors.ParameterError: The 'lam' parameter of sparse must be ≥ 0. Got -1 instead.
+    adapterbank.errors.ParameterError: The 'lam' parameter of sparse must be a number ≥ 0. Got -1 instead.
     """
 
     name: str
@@ -79,26 +80,15 @@ class Param:
     description: str
     low_open: bool = False
 
+    @property
+    def bounds(self) -> Bounds:
+        """This parameter's constraint as a :class:`~adapterbank._validation.Bounds` record."""
+        return Bounds("number", self.low, self.high, low_open=self.low_open)
+
     def check(self, strategy: str, value: Any) -> float:
-        """``value`` as a float within this parameter's bounds; else ParameterError/NonFiniteError naming both."""
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ParameterError(f"The '{self.name}' parameter of {strategy} must be a number. "
-                                 f"Got {value!r} instead.") from None
-        if not math.isfinite(v):
-            raise NonFiniteError(f"The '{self.name}' parameter of {strategy} must be finite. Got {value!r} instead.")
-        below = self.low is not None and (v < self.low or (v == self.low and self.low_open))
-        above = self.high is not None and v > self.high
-        if below or above:
-            parts = []
-            if self.low is not None:
-                parts.append(f"{'>' if self.low_open else '≥'} {self.low:g}")
-            if self.high is not None:
-                parts.append(f"≤ {self.high:g}")
-            raise ParameterError(f"The '{self.name}' parameter of {strategy} must be {' and '.join(parts)}. "
-                                 f"Got {value!r} instead.")
-        return v
+        """``value`` (a number, or a string spelling one) as a float within this parameter's bounds; else
+        ParameterError/NonFiniteError with the one message template (:mod:`adapterbank._validation`)."""
+        return float(self.bounds.check(value, self.name, strategy, parse=True))
 
 
 @dataclass(frozen=True)
@@ -233,7 +223,8 @@ def sparse(target: np.ndarray, prototypes: np.ndarray, lam: float | None = None,
     mass)``: a unit of negative weight must reduce the squared residual by 2λ = 0.2·d_med to be kept,
     i.e. by a fifth of a typical squared distance. That removes negative weights that only fit noise
     (Lin's extrapolation) yet keeps them when the target lies far outside the hull; for
-    ``λ ≥ lam_max`` (returned in ``params``) the weights are the projection onto the convex hull.
+    ``λ ≥ lam_max`` (returned in ``params``) the weights are the projection onto the convex hull and a
+    :class:`~adapterbank.errors.LambdaAtHullWarning` says so (once per call).
     ``lam_rel = 0`` is Lin.
 
     >>> P = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
@@ -246,6 +237,11 @@ def sparse(target: np.ndarray, prototypes: np.ndarray, lam: float | None = None,
     l_abs, l_rel = _resolve("sparse", _LAM, _LAM_REL, lam, lam_rel, scale)
     res = solve_sparse(prototypes, target, l_abs)
     lmax = lambda_max(prototypes, target)
+    if 0.0 < lmax <= l_abs:
+        warnings.warn(f"sparse: λ = {l_abs:.4g} (lam_rel = {l_rel:.4g}) is ≥ λ_max = {lmax:.4g}, so the weights are the "
+                      "projection onto the convex hull of the retrieved prototypes (no negative weight). Give "
+                      f"lam_rel < {lmax / scale:.4g} to keep the negative weights that bring the target closer.",
+                      LambdaAtHullWarning, stacklevel=3)
     return WeightResult(res.weights, {"lam": l_abs, "lam_rel": l_rel, "scale": scale, "lam_max": lmax},
                         res.status, res.objective)
 
@@ -347,7 +343,7 @@ def parse_param_specs(specs: Sequence[str], strategies: Sequence[str], flag: str
     >>> parse_param_specs(["lam_rel=-1"], ["sparse"])
     Traceback (most recent call last):
     ...
-    adapterbank.errors.ParameterError: The 'lam_rel' parameter of sparse must be ≥ 0. Got '-1' instead.
+    adapterbank.errors.ParameterError: The 'lam_rel' parameter of sparse must be a number ≥ 0. Got '-1' instead.
     """
     out: dict[str, dict[str, float]] = {}
     for spec in specs:

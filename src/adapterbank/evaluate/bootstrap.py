@@ -22,12 +22,12 @@ B          ``n_boot``
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
+from adapterbank._validation import check_int, check_number
 from adapterbank.errors import FormatError, NonFiniteError
 
 __all__ = ["Interval", "paired_bootstrap", "stratified_paired_bootstrap", "bootstrap_replicates"]
@@ -66,11 +66,8 @@ def _diff_groups(a_groups: Sequence[Sequence[float]], b_groups: Sequence[Sequenc
 
 
 def _check_args(n_boot: int, ci: float) -> None:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
-        raise FormatError(f"The 'n_boot' parameter of the paired bootstrap must be a positive int. "
-                          f"Got {n_boot!r} instead.")
-    if isinstance(ci, bool) or not isinstance(ci, numbers.Real) or not 0.0 < float(ci) < 1.0:
-        raise FormatError(f"The 'ci' parameter of the paired bootstrap must be in (0, 1). Got {ci!r} instead.")
+    check_int(n_boot, "n_boot", "paired_bootstrap", low=1)
+    check_number(ci, "ci", "paired_bootstrap", low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def bootstrap_replicates(a_groups: Sequence[Sequence[float]], b_groups: Sequence[Sequence[float]],

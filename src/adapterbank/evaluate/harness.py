@@ -20,9 +20,8 @@ checking the evaluator: :mod:`adapterbank.evaluate.evaluator`.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapterbank import errors as _errors
+from adapterbank._validation import Bounds, K, check_k
 from adapterbank.compose.strategies import STRATEGIES, get_strategy
 from adapterbank.errors import AdapterbankError, FormatError, UnknownNameError
 from adapterbank.evaluate.cache import CACHE_SCHEMA, ResultCache, adapter_digest, cache_key
@@ -126,34 +126,15 @@ def _norm_params(params: Mapping[str, Any] | None, strategies: Sequence[str]) ->
             )
         vals: dict[str, float] = {}
         for a, b in p.items():
-            get_strategy(name).param(str(a))  # an unknown parameter name lists the valid ones
-            if isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(float(b)):
-                raise FormatError(f"Parameter {a!r} of strategy {name!r} must be a finite number. Got {b!r} instead.")
-            vals[str(a)] = float(b)
+            prm = get_strategy(name).param(str(a))  # an unknown parameter name lists the valid ones
+            vals[str(a)] = float(prm.bounds.check(b, prm.name, name))
         out[name] = vals
     return out
 
 
-def _check_positive_ints(name: str, vals: Sequence[int] | None) -> list[int]:
-    if vals is None:
-        return []
-    out = []
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) <= 0:
-            raise FormatError(f"The '{name}' parameter of evaluate must hold positive ints. Got {v!r} instead.")
-        out.append(int(v))
-    return sorted(set(out))
-
-
-def _check_positive_floats(name: str, vals: Sequence[float] | None) -> list[float]:
-    if vals is None:
-        return []
-    out = []
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)) or float(v) < 0:
-            raise FormatError(f"The '{name}' parameter of evaluate must hold finite numbers ≥ 0. Got {v!r} instead.")
-        out.append(float(v))
-    return sorted(set(out))
+def _check_each(bounds: Bounds, name: str, vals: Sequence[float] | None) -> list[Any]:
+    """The distinct values of the sweep ``name``, sorted, each checked against ``bounds``."""
+    return sorted({bounds.check(v, name, "evaluate") for v in (vals or ())})
 
 
 class _Runner:
@@ -177,6 +158,7 @@ class _Runner:
         self.target_protos: dict[str, Prototype] = {}
         self.n_calls = 0
         self.n_searches = 0
+        self.at_hull: list[str] = []  # compositions whose sparse λ was ≥ λ_max
 
     # -- bank access
     def proto(self, adapter_id: str) -> Prototype:
@@ -267,7 +249,14 @@ class _Runner:
             raise _errors.PrototypeSpaceError(f"No adapter to compose target {target!r} from: no other adapter has "
                                               f"a prototype in space {p_t.space.key!r} and base model "
                                               f"{self.cards[target].base_model!r}.")
-        comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, ids=ids)
+        with warnings.catch_warnings(record=True) as caught:  # λ ≥ λ_max: counted, then told once per evaluate()
+            warnings.simplefilter("always", _errors.LambdaAtHullWarning)
+            comp = compose(self.bank, p_t, k=k, strategy=method, params=params or None, ids=ids)
+        for w in caught:
+            if issubclass(w.category, _errors.LambdaAtHullWarning):
+                self.at_hull.append(f"{target} ({method}, k={k}{''.join(f', {n}={v:g}' for n, v in params.items())})")
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
         # The composite is determined by its (adapter, weight) pairs: strategies that agree exactly (all of them
         # at k=1; Sparse and Lin when λ_max = 0) are scored once per run.
         same = (target, tuple((i, self.digest(i), float(w)) for i, w in zip(comp.ids, comp.weights) if w != 0.0))
@@ -375,15 +364,14 @@ def evaluate(
         raise FormatError(f"The 'evaluator' parameter of evaluate must be callable or 'module:function'. "
                           f"Got {type(ev).__name__} instead.")
     strats = _norm_strategies(strategies)
-    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-        raise FormatError(f"The 'k' parameter of evaluate must be a positive int. Got {k!r} instead.")
+    k = check_k(k, "evaluate")
     bl = list(dict.fromkeys(baselines or ()))
     for b in bl:
         if b not in BASELINES:
             raise UnknownNameError(f"Unknown baseline {b!r}. Valid baselines: {', '.join(BASELINES)}.")
     prm = _norm_params(params, strats)
-    ks = _check_positive_ints("sweep_k", sweep_k)
-    lams = _check_positive_floats("sweep_lam", sweep_lam)
+    ks = _check_each(K, "sweep_k", sweep_k)
+    lams = _check_each(Bounds("number", 0.0), "sweep_lam", sweep_lam)
     cdir = Path(cache_dir) if cache_dir is not None else None
 
     spaces = {sp.key: sp for sp in bank.spaces()}
@@ -467,6 +455,11 @@ def evaluate(
             "evaluator_calls": run.n_calls, "cache_hits": run.n_cached, "retrievals": run.n_searches,
             "seconds": round(time.perf_counter() - t_start, 3)}
     log.info("evaluated %d targets: %d evaluator calls, %d cache hits", len(tgt), run.n_calls, run.n_cached)
+    if run.at_hull:
+        warnings.warn(f"sparse: λ ≥ λ_max in {len(run.at_hull)} composition(s) ({', '.join(run.at_hull[:5])}"
+                      f"{', ...' if len(run.at_hull) > 5 else ''}): their weights are the projection onto the convex "
+                      "hull of the retrieved prototypes (no negative weight); the records hold lam and lam_max.",
+                      _errors.LambdaAtHullWarning, stacklevel=2)
     return EvalResults(records=records, targets=tgt, config=config, lambda_paths=paths,
                        prototype_map=run.prototype_map(), meta=meta)
 

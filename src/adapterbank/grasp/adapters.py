@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterbank._validation import check_int
 from adapterbank.errors import ParameterError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,7 @@ Plan = list[tuple[int, Any]]
 
 
 def _check_int(name: str, v: Any, who: str, low: int = 1) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ParameterError(f"The '{name}' parameter of {who} must be an int ≥ {low}. Got {v!r} instead.")
-    return v
+    return check_int(v, name, who, low=low)
 
 
 def make_plan(g: torch.Tensor) -> Plan:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterbank._validation import check_int
 from adapterbank.errors import ParameterError, UnknownNameError
 from adapterbank.grasp.adapters import GroupResidual, Router
 from adapterbank.grasp.inject import GraspFFN, GraspHandle, Targets, _parent, inject
@@ -97,8 +98,7 @@ class MoEResidual(nn.Module):
         super().__init__()
         if router not in ROUTERS:
             raise UnknownNameError(f"Unknown router {router!r}. Valid routers: {', '.join(ROUTERS)}.")
-        if not isinstance(top_k, int) or not 1 <= top_k <= experts.n_groups:
-            raise ParameterError(f"The 'top_k' parameter of moe must be in 1..{experts.n_groups}. Got {top_k!r}.")
+        check_int(top_k, "top_k", "moe", low=1, high=experts.n_groups)
         self.experts, self.mode, self.top_k, self.balance = experts, router, top_k, float(balance)
         d_gate = experts.d_in if (router == "token" or condition_dim is None) else condition_dim
         self.gate = nn.Linear(d_gate, experts.n_groups, bias=False)

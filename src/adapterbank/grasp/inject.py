@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterbank._validation import check_int
 from adapterbank._versions import versions
 from adapterbank.errors import FormatError, ParameterError, ShapeMismatchError, UnknownNameError
 from adapterbank.grasp.adapters import GroupLoraLinear, GroupResidual, Router
@@ -355,9 +356,7 @@ class GraspHandle:
 
 
 def _check_pos_int(name: str, v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ParameterError(f"The '{name}' parameter of inject must be a positive int. Got {v!r} instead.")
-    return v
+    return check_int(v, name, "inject", low=1)
 
 
 def inject(

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from adapterbank._validation import check_int, check_number
 from adapterbank.errors import FormatError, ParameterError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -278,9 +279,7 @@ class FrequencyTiers(Partitioner):
         super().__init__(rule=rule, healthy_labels=healthy_labels)
         if thresholds is None:
             for name, v in (("head", head), ("medium", medium)):
-                if not isinstance(v, (int, float)) or not 0 <= v <= 1 or isinstance(v, bool):
-                    raise ParameterError(f"The '{name}' parameter of FrequencyTiers must be a fraction in [0, 1]. "
-                                         f"Got {v!r} instead.")
+                check_number(v, name, "FrequencyTiers", low=0.0, high=1.0)
             if head + medium > 1 + 1e-12:
                 raise ParameterError(f"FrequencyTiers: head + medium must be ≤ 1. Got {head} + {medium}.")
         else:
@@ -404,8 +403,7 @@ class KMeansPartition(Partitioner):
     def __init__(self, n_groups: int, *, encoder: Any = None, template: str = "{label}", seed: int = 0,
                  rule: str = "rarest", healthy_labels: Sequence[str] = ()) -> None:
         super().__init__(rule=rule, healthy_labels=healthy_labels)
-        if not isinstance(n_groups, int) or n_groups <= 0:
-            raise ParameterError(f"The 'n_groups' parameter of KMeansPartition must be a positive int. Got {n_groups!r}.")
+        check_int(n_groups, "n_groups", "KMeansPartition", low=1)
         self.k, self.encoder, self.template, self.seed = n_groups, encoder, template, int(seed)
         self.centroids: np.ndarray | None = None
 

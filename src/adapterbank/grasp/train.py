@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapterbank._validation import check_int, check_number
 from adapterbank.errors import FormatError, ParameterError, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -290,10 +291,8 @@ def train(
     """
     if objective not in OBJECTIVES:
         raise UnknownNameError(f"Unknown objective {objective!r}. Valid objectives: {', '.join(OBJECTIVES)}.")
-    if not isinstance(steps, int) or steps <= 0:
-        raise ParameterError(f"The 'steps' parameter of train must be a positive int. Got {steps!r} instead.")
-    if ema is not None and not 0 < ema < 1:
-        raise ParameterError(f"The 'ema' parameter of train must be a decay in (0, 1) or None. Got {ema!r}.")
+    check_int(steps, "steps", "train", low=1)
+    check_number(ema, "ema", "train", low=0.0, high=1.0, low_open=True, high_open=True, optional=True)
     model: nn.Module = handle.model
     named = _named(handle)
     names = list(named)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from adapterbank._validation import check_int
 from adapterbank.errors import EncoderError, NonFiniteError, ShapeMismatchError
 from adapterbank.prototypes.encoders import is_encoder, load_encoder
 from adapterbank.prototypes.inputs import count_hint, describe_source, iter_batches
@@ -70,9 +71,7 @@ def compute_prototype(encoder: Any, source: Any, *, column: str | None = None, b
     ([4.0, 0.0], 3)
     """
     enc = encoder if is_encoder(encoder) else load_encoder(encoder)
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise EncoderError(
-            f"The 'batch_size' parameter of compute_prototype must be a positive int. Got {batch_size!r}.")
+    batch_size = check_int(batch_size, "batch_size", "compute_prototype", low=1)
     label = description or describe_source(source, column)
     total_hint = count_hint(source) if progress else None  # the bar's total, so it shows an ETA
     if limit is not None:

@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from adapterbank._validation import check_int
 from adapterbank.errors import EncoderError, ShapeMismatchError, UnknownNameError
 from adapterbank.prototypes.space import DEFAULT_MAX_LENGTH, PrototypeSpace
 
@@ -258,12 +259,6 @@ class _DimMixin:
         return self._dim
 
 
-def _check_max_length(max_length: Any, who: str) -> int:
-    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
-        raise EncoderError(f"The 'max_length' parameter of {who} must be a positive int. Got {max_length!r} instead.")
-    return max_length
-
-
 def _token_limit(requested: int, limits: Sequence[Any], who: str) -> int:
     """``requested`` capped by the model's limits (position embeddings, tokenizer); logs when it is capped."""
     usable = [int(x) for x in limits if isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1_000_000]
@@ -329,7 +324,7 @@ class HFTextEncoder(_DimMixin):
 
         self.model_dir = _model_dir(model_dir, "HFTextEncoder")
         self.pooling = _check_pooling(pooling, TEXT_POOLINGS, "HFTextEncoder")
-        _check_max_length(max_length, "HFTextEncoder")
+        check_int(max_length, "max_length", "HFTextEncoder", low=1)
         self.normalize = bool(normalize)
         self.device = torch.device(device)
         self.tokenizer = _load_hf(AutoTokenizer, self.model_dir, "tokenizer")
@@ -423,7 +418,7 @@ class SentenceTransformerEncoder(_DimMixin):
                  name: str | None = None, max_length: int | None = None) -> None:
         _offline()
         if max_length is not None:
-            _check_max_length(max_length, "SentenceTransformerEncoder")
+            check_int(max_length, "max_length", "SentenceTransformerEncoder", low=1)
         try:
             from sentence_transformers import SentenceTransformer
         except ImportError as e:
@@ -601,8 +596,7 @@ class CallableEncoder(_DimMixin):
             raise EncoderError(f"CallableEncoder needs a callable. Got {type(fn).__name__} instead.")
         if not isinstance(name, str) or not name:
             raise EncoderError(f"The 'name' parameter of CallableEncoder must be a non-empty string. Got {name!r}.")
-        if dim is not None and (not isinstance(dim, int) or dim <= 0):
-            raise EncoderError(f"The 'dim' parameter of CallableEncoder must be a positive int or None. Got {dim!r}.")
+        dim = check_int(dim, "dim", "CallableEncoder", low=1, optional=True)
         self.fn, self.name, self._dim = fn, name, dim
         self.revision, self.pooling, self.normalize = revision, pooling, bool(normalize)
 
@@ -699,7 +693,7 @@ def load_encoder(spec: Any, **kw: Any) -> Encoder:
                                f"maximum length when you build the encoder.")
         return spec  # type: ignore[no-any-return]
     if max_length is not None:
-        kw["max_length"] = _check_max_length(max_length, "load_encoder")
+        kw["max_length"] = check_int(max_length, "max_length", "load_encoder", low=1)
     kind = kw.pop("kind", None)
     if kind is not None and kind not in _KINDS:
         raise UnknownNameError(f"The 'kind' parameter of load_encoder must be one of {list(_KINDS)}. Got {kind!r}.")

@@ -33,7 +33,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from adapterbank.errors import EncoderError, FormatError, ParameterError
+from adapterbank._validation import check_int
+from adapterbank.errors import FormatError, ParameterError
 
 __all__ = ["iter_batches", "iter_items", "describe_source", "count_hint", "TEXT_COLUMNS", "IMAGE_SUFFIXES",
            "DATA_SUFFIXES", "MAX_LINE_BYTES", "max_line_bytes_default"]
@@ -87,10 +88,7 @@ def max_line_bytes_default() -> int:
 def _check_cap(max_line_bytes: int | None) -> int:
     if max_line_bytes is None:
         return max_line_bytes_default()
-    if not isinstance(max_line_bytes, int) or isinstance(max_line_bytes, bool) or max_line_bytes <= 0:
-        raise ParameterError(f"The 'max_line_bytes' parameter must be a positive int or None. "
-                             f"Got {max_line_bytes!r} instead.")
-    return max_line_bytes
+    return check_int(max_line_bytes, "max_line_bytes", "iter_items", low=1)
 
 
 def _too_long(where: str, cap: int) -> FormatError:
@@ -304,10 +302,8 @@ def iter_batches(source: Any, batch_size: int, *, column: str | None = None, lim
     >>> list(iter_batches(["a", "b", "c", "d", "e"], 2, limit=3))
     [['a', 'b'], ['c']]
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-        raise EncoderError(f"The 'batch_size' parameter of iter_batches must be a positive int. Got {batch_size!r}.")
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
-        raise EncoderError(f"The 'limit' parameter of iter_batches must be a non-negative int or None. Got {limit!r}.")
+    batch_size = check_int(batch_size, "batch_size", "iter_batches", low=1)
+    limit = check_int(limit, "limit", "iter_batches", low=0, optional=True)
     items = iter_items(source, column=column, read_rows=batch_size, max_line_bytes=max_line_bytes)
     if limit is not None:
         items = itertools.islice(items, limit)
