@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from adapterbank.errors import EncoderError
+from adapterbank.errors import ParameterError
 from adapterbank.prototypes import (
     DEFAULT_TEXT_ENCODER_ID,
     HFTextEncoder,
@@ -96,7 +96,7 @@ def test_max_length_512_reads_more_of_a_long_text_and_is_recorded(minilm: Any) -
     # a text under 256 tokens: the same numbers, in another space
     np.testing.assert_allclose(wide.encode(SENTENCES), minilm.encode(SENTENCES), atol=1e-5, rtol=0)
     assert load_encoder("default", max_length=100_000).max_length == 512  # capped at the position embeddings
-    with pytest.raises(EncoderError, match="max_length"):
+    with pytest.raises(ParameterError, match="max_length"):
         load_encoder("default", max_length=0)
 
 
