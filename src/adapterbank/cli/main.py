@@ -21,7 +21,6 @@ from typer.core import TyperGroup
 
 from adapterbank.cli.common import PARAM_HELP, PLUGIN_HELP, csv_list, strategy_params
 from adapterbank.cli.evaluate import evaluate_cmd
-from adapterbank.cli.tune import tune_cmd
 from adapterbank.cli.render import (
     card_table,
     console,
@@ -32,6 +31,7 @@ from adapterbank.cli.render import (
     show_warning,
     weights_table,
 )
+from adapterbank.cli.tune import tune_cmd
 from adapterbank.errors import AdapterbankError, ParameterError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,7 @@ import typer
 from adapterbank.cli.common import PLUGIN_HELP, csv_list
 from adapterbank.cli.render import console, json_option, print_json
 
-__all__ = ["tune_cmd", "build_grid"]
+__all__ = ["build_grid", "tune_cmd"]
 
 
 def build_grid(strategies: str | None, lam_rel: list[float] | None, tau_rel: list[float] | None) -> dict[str, Any]:

@@ -56,8 +56,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["tune", "TuneResult", "Setting", "DEFAULT_GRID", "DEFAULT_K_VALUES", "expand_grid", "nested_loo",
-           "best_setting", "normalize_grid", "NESTED"]
+__all__ = [
+    "DEFAULT_GRID",
+    "DEFAULT_K_VALUES",
+    "NESTED",
+    "Setting",
+    "TuneResult",
+    "best_setting",
+    "expand_grid",
+    "nested_loo",
+    "normalize_grid",
+    "tune",
+]
 
 #: The default grid, simpler strategies first (the tie order). τ_rel and λ_rel around their defaults (1, 0.1).
 DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
