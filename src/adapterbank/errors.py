@@ -107,3 +107,8 @@ class PoolSmallerThanKWarning(AdapterbankWarning):
 class LambdaAtHullWarning(AdapterbankWarning):
     """The sparse strategy's λ is at or above λ_max: its weights are the projection onto the convex hull of the
     retrieved prototypes (no negative weight), and a larger λ changes nothing."""
+
+
+class UntunedBankWarning(AdapterbankWarning):
+    """``compose(strategy="auto")`` on a bank that ``adapterbank tune`` has not tuned: the documented fallback
+    (``sim`` with its default τ at k = 5, see :data:`adapterbank.compose.compose.AUTO_FALLBACK`) was used."""

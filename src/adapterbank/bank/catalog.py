@@ -8,6 +8,11 @@ Tables (``FORMAT_VERSION`` 1):
 | adapters   | id                      | the card: base_model, format, rank, ranks/targets/tags/versions/extra as JSON, ... |
 | files      | (adapter_id, name)      | sha256 and size of every original file of an adapter |
 | prototypes | (adapter_id, space_key) | space JSON, dim, vector BLOB (float32 little-endian), n_samples, source |
+| settings   | key                     | a JSON value and when it was written (e.g. ``compose.auto``, the setting ``tune`` chose) |
+
+``settings`` came after format 1's first release: a bank without it reads as having no settings, and the
+first :meth:`Catalog.set_setting` creates it inside its own write transaction (the migration). Older
+adapterbank versions open such a bank unchanged (they never read the table), so ``FORMAT_VERSION`` stays 1.
 
 WAL journal (readers never block the writer and see committed snapshots), ``busy_timeout`` so concurrent
 writers queue instead of failing, ``synchronous=FULL`` so an acknowledged write survives a crash, and
@@ -103,7 +108,13 @@ CREATE TABLE IF NOT EXISTS prototypes (
     PRIMARY KEY (adapter_id, space_key)
 );
 CREATE INDEX IF NOT EXISTS prototypes_space ON prototypes(space_key);
+CREATE TABLE IF NOT EXISTS settings (
+    key     TEXT PRIMARY KEY,
+    value   TEXT NOT NULL,
+    updated TEXT NOT NULL
+);
 """
+SETTINGS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS settings"):].rstrip().rstrip(";")
 
 
 class Catalog:
@@ -283,3 +294,30 @@ class Catalog:
         with self.lock:
             row = self.conn.execute("SELECT value FROM meta WHERE key = ?", ("format_version",)).fetchone()
         return int(row[0])
+
+    # -- settings (a small key -> JSON text table; see the module docstring for its migration) -----------
+    def has_settings(self, conn: sqlite3.Connection) -> bool:
+        """Whether the catalog has its ``settings`` table (banks created before it existed do not, until written)."""
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            ("settings",)).fetchone() is not None
+
+    def get_setting(self, key: str) -> str | None:
+        """The JSON text stored under ``key``, or ``None``."""
+        with self.read() as c:
+            if not self.has_settings(c):
+                return None
+            row = c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_setting(self, key: str, value: str | None) -> None:
+        """Store the JSON text ``value`` under ``key`` (``None`` deletes it) in one write transaction that also
+        bumps the version; creates the ``settings`` table first in a bank that has none."""
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        with self.write() as c:
+            c.execute(SETTINGS_TABLE)
+            if value is None:
+                c.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                c.execute("INSERT INTO settings(key, value, updated) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
+                          "SET value = excluded.value, updated = excluded.updated", (key, value, now))
+            self.bump(c)

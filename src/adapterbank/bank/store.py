@@ -57,6 +57,7 @@ from adapterbank.errors import (
     FormatError,
     InvalidNameError,
     NonFiniteError,
+    ParameterError,
     PoolSmallerThanKWarning,
     PrototypeSpaceError,
     ShapeMismatchError,
@@ -647,6 +648,39 @@ class Bank:
         _, sp, vec, n, src, extra = rows[0]
         return Prototype(np.frombuffer(vec, dtype="<f4").astype(np.float32), PrototypeSpace.from_dict(json.loads(sp)),
                          int(n), src or "", json.loads(extra))
+
+    # -- settings ---------------------------------------------------------------------------------
+    @staticmethod
+    def _check_setting_key(key: object) -> str:
+        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+            raise ParameterError(f"The 'key' parameter of Bank.set_setting/get_setting must be a non-empty string of "
+                                 f"at most 200 characters (e.g. 'compose.auto'). Got {key!r} instead.")
+        return key
+
+    def set_setting(self, key: str, value: Any) -> None:
+        """Store the JSON-able ``value`` under ``key`` in the catalog's ``settings`` table (``None`` deletes it).
+
+        One write transaction that bumps :attr:`version`. ``adapterbank tune`` stores the setting
+        ``compose(strategy="auto")`` uses under ``"compose.auto"``.
+
+        >>> import tempfile
+        >>> bank = Bank.init(tempfile.mkdtemp())
+        >>> bank.set_setting("compose.auto", {"strategy": "sim", "k": 3})
+        >>> bank.get_setting("compose.auto"), bank.get_setting("missing", "none")
+        ({'strategy': 'sim', 'k': 3}, 'none')
+        """
+        key = self._check_setting_key(key)
+        try:
+            text = None if value is None else json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise FormatError(f"Bank.set_setting({key!r}, ...): the value must be JSON (dicts, lists, strings, finite "
+                              f"numbers, booleans, None). Got {type(value).__name__}: {e}.") from None
+        self._cat.set_setting(key, text)
+
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        """The value stored under ``key`` by :meth:`set_setting`, or ``default``."""
+        text = self._cat.get_setting(self._check_setting_key(key))
+        return default if text is None else json.loads(text)
 
     def spaces(self) -> builtins.list[PrototypeSpace]:
         """The prototype spaces present in the bank, sorted by key."""

@@ -31,6 +31,7 @@ from adapterbank.cli.render import (
     show_warning,
     weights_table,
 )
+from adapterbank.cli.tune import tune_cmd
 from adapterbank.errors import AdapterbankError, ParameterError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -320,9 +321,11 @@ def compose_cmd(
     target: Optional[Path] = typer.Option(None, help="Samples of the target task (JSONL/CSV/Parquet/images)."),
     description: Optional[str] = typer.Option(None, help="Text description of the target task."),
     prototype: Optional[Path] = typer.Option(None, help="A target prototype .npy."),
-    k: int = typer.Option(5, "-k", help="How many adapters to retrieve."),
-    strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse, nearest or one a --strategy-plugin "
-                                 "registers (adapterbank.compose.STRATEGIES)."),
+    k: Optional[int] = typer.Option(None, "-k", help="How many adapters to retrieve (default 5; with --strategy "
+                                    "auto, the tuned k)."),
+    strategy: str = typer.Option("sparse", help="avg, sim, lin, sparse, nearest, one a --strategy-plugin "
+                                 "registers (adapterbank.compose.STRATEGIES), or auto: the setting `adapterbank "
+                                 "tune` chose for this bank (untuned: sim, with a warning)."),
     param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
     strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=PLUGIN_HELP),
     lam: Optional[float] = typer.Option(None, help="Sparse: absolute λ (default: scale-free, see --lam-rel)."),
@@ -351,7 +354,11 @@ def compose_cmd(
     from adapterbank.compose.compose import default_output_format
 
     legacy = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
-    _, by_strategy = strategy_params(strategy_plugin, param, [strategy], {strategy: legacy} if legacy else {})
+    if strategy == "auto" and (param or legacy):
+        raise ParameterError("--strategy auto takes its parameters from the bank's tuned setting; drop --param/"
+                             "--lam/--lam-rel/--tau/--tau-rel, or give a strategy (--strategy sparse, ...).")
+    _, by_strategy = strategy_params(strategy_plugin, param, [] if strategy == "auto" else [strategy],
+                                     {strategy: legacy} if legacy else {})
     params = by_strategy.get(strategy, {})
     b = _open(bank)
     _local(merge_into, "--merge-into")
@@ -364,7 +371,9 @@ def compose_cmd(
     if json_:
         return print_json({"out": str(path), "format": fmt, **json.loads((path / RECIPE_FILE).read_text())})
     eff = ", ".join(f"{k_}={v:.4g}" for k_, v in comp.params.items())
-    console.print(weights_table(f"{strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
+    if comp.auto is not None:
+        console.print(f"auto -> {comp.strategy}, k={comp.k} ({comp.auto['source']})")
+    console.print(weights_table(f"{comp.strategy} weights ({eff or 'no parameters'}; solver: {comp.status})",
                                  comp.weight_table()))
     if comp.truncation_error:
         errs = comp.truncation_error.values()
@@ -377,6 +386,7 @@ def compose_cmd(
 
 
 app.command("evaluate")(evaluate_cmd)
+app.command("tune")(tune_cmd)
 
 
 @app.command()

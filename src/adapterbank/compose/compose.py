@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank._validation import check_int, check_k
 from adapterbank._versions import versions
 from adapterbank.compose.strategies import WeightResult, compute_weights, get_strategy
-from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError
+from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, UntunedBankWarning
 from adapterbank.formats import FORMATS
 from adapterbank.lora import LoraAdapter, combine, truncate
 from adapterbank.prototypes.space import Prototype
@@ -33,6 +34,17 @@ log = logging.getLogger(__name__)
 
 RECIPE_FILE = "composition.json"
 RECIPE_SCHEMA = 1
+DEFAULT_K = 5
+"""Adapters retrieved when ``k`` is not given (and the strategy is not a tuned ``auto``)."""
+
+#: The bank setting ``adapterbank tune`` writes and ``compose(strategy="auto")`` reads.
+AUTO_SETTING = "compose.auto"
+#: What ``auto`` means on an untuned bank: Sim with its default τ (τ_rel = 1) at k = 5. Why (BENCHMARKS.md):
+#: Sim has the best mean on Benchmark B (0.777 Dice vs Avg 0.774, Sparse 0.715, Lin 0.655) and is within
+#: 0.005 MRR of the best on Benchmark A, where every strategy ties; its weights are never negative, so it
+#: cannot extrapolate past the retrieved adapters as Lin/Sparse do on B's end-of-axis sites (gamma-dark:
+#: Sparse 0.43 vs Pre-trained 0.85), yet unlike Avg it still leans towards the nearest adapters.
+AUTO_FALLBACK: dict[str, Any] = {"strategy": "sim", "params": {}, "k": DEFAULT_K}
 
 __all__ = ["Composition", "compose", "default_output_format", "versions", "RECIPE_FILE", "VLLM_MAX_LORA_RANKS"]
 
@@ -99,6 +111,7 @@ class Composition:
     path: tuple[np.ndarray, np.ndarray] | None = None
     source_formats: list[str] = field(default_factory=list)
     max_rank: int | None = None
+    auto: dict[str, Any] | None = None
 
     def weight_table(self) -> list[tuple[str, float, float]]:
         """(id, distance, weight) rows in retrieval order."""
@@ -126,6 +139,8 @@ class Composition:
             "truncation": trunc,
             "versions": versions(),
         }
+        if self.auto is not None:
+            out["auto"] = self.auto
         if self.path is not None:
             lams, W = self.path
             out["lambda_path"] = {"lam": lams.tolist(), "weights": W.tolist()}
@@ -181,7 +196,7 @@ def compose(
     bank: Bank,
     target: Prototype,
     *,
-    k: int = 5,
+    k: int | None = None,
     strategy: str = "sparse",
     params: dict[str, float] | None = None,
     base_model: str | None = None,
@@ -200,14 +215,25 @@ def compose(
     effective parameters are in the result. Merge: exact concatenation, then optional exact truncation
     to ``rank``. ``max_rank`` caps the rank to fit a server's ``max_lora_rank``: only modules above it
     are truncated (exactly, :func:`~adapterbank.lora.truncate`), and only their errors are reported.
-    Retrieved adapters must share one base model.
+    Retrieved adapters must share one base model. ``k`` ``None``: 5 (:data:`DEFAULT_K`).
+
+    ``strategy="auto"``: the setting ``adapterbank tune`` chose for this bank by leave-one-out (stored in the bank
+    under :data:`AUTO_SETTING`): its strategy, its parameters, and its k unless ``k`` is given (an explicit ``k``
+    wins; the tuned parameters are kept). ``params`` cannot be combined with ``auto`` (choose a strategy to set
+    them). An untuned bank falls back to :data:`AUTO_FALLBACK` (Sim, default τ, k = 5) with an
+    :class:`~adapterbank.errors.UntunedBankWarning`. Only the target's prototype is used either way. The recipe's
+    ``"auto"`` entry says what ``auto`` resolved to and whence.
 
     Example (a bank with prototypes in the space of ``target``)::
 
         comp = compose(bank, target, k=5, strategy="sparse")
         comp.save("./composite")
     """
+    auto = None
+    if strategy == "auto":
+        strategy, params, k, auto = _resolve_auto(bank, params, k)
     get_strategy(strategy)  # an unknown name fails before any file is read
+    k = DEFAULT_K if k is None else k
     if not isinstance(target, Prototype):
         raise TypeError(f"compose() needs a Prototype as target. Got {type(target).__name__} instead.")
     k = check_k(k, "compose")
@@ -261,5 +287,32 @@ def compose(
         filters={"base_model": base_model, "tags": list(tags) if tags else None, "exclude": excl,
                  "ids": list(ids) if ids is not None else None},
         rank=rank if max_rank is None else max_rank, truncation_error=errs, path=path,
-        source_formats=[str(a.metadata.get("format")) for a in adapters], max_rank=max_rank,
+        source_formats=[str(a.metadata.get("format")) for a in adapters], max_rank=max_rank, auto=auto,
     )
+
+
+def _resolve_auto(bank: Bank, params: dict[str, float] | None, k: int | None
+                  ) -> tuple[str, dict[str, float], int, dict[str, Any]]:
+    """(strategy, params, k, the recipe's ``auto`` entry) of ``compose(strategy="auto")``."""
+    if params:
+        raise ParameterError(f"strategy 'auto' takes its parameters from the bank's tuned setting; got params "
+                             f"{dict(params)!r} too (--param/--lam-rel/--tau-rel ...). Give a strategy "
+                             "(--strategy sparse, ...) to set parameters yourself, or drop them.")
+    tuned = bank.get_setting(AUTO_SETTING)
+    if tuned is None:
+        warnings.warn(f"strategy 'auto': the bank {bank.root} has not been tuned (run `adapterbank tune "
+                      f"{bank.root} --evaluator module:function`); using the fallback: sim with its default τ at "
+                      f"k={DEFAULT_K if k is None else k}.", UntunedBankWarning, stacklevel=3)
+        src, setting = "fallback (untuned bank)", AUTO_FALLBACK
+    else:
+        src, setting = f"bank setting {AUTO_SETTING!r}", tuned
+    strategy = str(setting["strategy"])
+    prm = {str(a): float(b) for a, b in dict(setting.get("params") or {}).items()}
+    kk = int(setting["k"]) if k is None else k
+    entry = {"source": src, "strategy": strategy, "params": prm, "k": kk,
+             "k_from": "the setting" if k is None else "explicit k"}
+    if tuned is not None:
+        entry["tuned"] = {n: tuned.get(n) for n in ("date", "evaluator", "metric", "lower_is_better", "in_sample",
+                                                    "nested", "runner_up") if n in tuned}
+    log.info("strategy auto -> %s %s, k=%d (%s)", strategy, prm, kk, src)
+    return strategy, prm, kk, entry
