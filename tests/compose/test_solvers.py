@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -18,17 +19,7 @@ from adapterbank.compose.solvers import (
 )
 from adapterbank.errors import NonFiniteError, ShapeMismatchError
 
-cp = pytest.importorskip("cvxpy")
-
-
-def cvx(P: np.ndarray, t: np.ndarray, lam: float, nonneg: bool = False) -> tuple[float, np.ndarray]:
-    """Reference: Eq. 5 (or the simplex-constrained projection) with CLARABEL at tight tolerances."""
-    w = cp.Variable(P.shape[0])
-    cons = [cp.sum(w) == 1] + ([w >= 0] if nonneg else [])
-    prob = cp.Problem(cp.Minimize(cp.sum_squares(t - P.T @ w) + lam * cp.norm1(w)), cons)
-    prob.solve(solver="CLARABEL", tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
-    assert prob.status == "optimal", prob.status
-    return float(prob.value), np.asarray(w.value)
+Reference = Callable[..., tuple[float, np.ndarray]]  # the `cvx` fixture (conftest.py): cvxpy's Eq. 5
 
 
 def objective(P: np.ndarray, t: np.ndarray, w: np.ndarray, lam: float = 0.0) -> float:
@@ -53,7 +44,7 @@ GRID = [(1, 3), (2, 2), (3, 16), (5, 384), (10, 3), (10, 1024), (50, 16), (200, 
 
 @pytest.mark.parametrize("k,d", GRID)
 @pytest.mark.parametrize("lam_rel", [0.0, 0.03, 1.0, 100.0])
-def test_sparse_objective_matches_cvxpy(k: int, d: int, lam_rel: float) -> None:
+def test_sparse_objective_matches_cvxpy(k: int, d: int, lam_rel: float, cvx: Reference) -> None:
     P, t = problem(k, d, seed=k * 1000 + d)
     scale = dscale(P, t)
     lam = lam_rel * scale
@@ -66,7 +57,7 @@ def test_sparse_objective_matches_cvxpy(k: int, d: int, lam_rel: float) -> None:
 
 
 @pytest.mark.parametrize("k,d", [(2, 2), (5, 384), (10, 3), (50, 16), (200, 16)])
-def test_lin_matches_cvxpy_and_svd_min_norm(k: int, d: int) -> None:
+def test_lin_matches_cvxpy_and_svd_min_norm(k: int, d: int, cvx: Reference) -> None:
     P, t = problem(k, d, seed=7 * k + d)
     res = solve_lin(P, t)
     ref, _ = cvx(P, t, 0.0)
@@ -132,7 +123,7 @@ def test_k1_is_one() -> None:
     assert solve_lin(P, t).weights.tolist() == [1.0]
 
 
-def test_duplicates_split_equally_and_match_cvxpy() -> None:
+def test_duplicates_split_equally_and_match_cvxpy(cvx: Reference) -> None:
     P = np.array([[0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     t = np.array([0.8, 0.5])
     for lam in (0.0, 0.1, 10.0):
@@ -146,7 +137,7 @@ def test_duplicates_split_equally_and_match_cvxpy() -> None:
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_degenerate_prototypes_match_cvxpy(seed: int) -> None:
+def test_degenerate_prototypes_match_cvxpy(seed: int, cvx: Reference) -> None:
     """Duplicates, zero vectors, k > d, identical prototypes, target equal to a prototype."""
     rng = np.random.default_rng(100 + seed)
     k, d = int(rng.integers(3, 12)), int(rng.integers(1, 4))
@@ -180,7 +171,7 @@ def test_target_equal_to_a_prototype() -> None:
     np.testing.assert_allclose(res.weights, np.eye(6)[4], atol=1e-10)
 
 
-def test_inside_and_outside_the_hull() -> None:
+def test_inside_and_outside_the_hull(cvx: Reference) -> None:
     rng = np.random.default_rng(5)
     P = rng.normal(size=(4, 3))  # a simplex in 3-D
     bary = np.array([0.1, 0.2, 0.3, 0.4])
@@ -235,7 +226,7 @@ def test_scale_and_translation_invariance() -> None:
         np.testing.assert_allclose(solve_lin(a * P + b, a * t + b).weights, solve_lin(P, t).weights, atol=1e-8)
 
 
-def test_lambda_path() -> None:
+def test_lambda_path(cvx: Reference) -> None:
     rng = np.random.default_rng(9)
     P = rng.normal(size=(6, 4))
     t = rng.normal(size=4) * 3  # mostly outside the hull: negative Lin weights

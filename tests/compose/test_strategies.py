@@ -57,6 +57,11 @@ def test_table_row_contract(strategy: Strategy) -> None:
         if p.low is not None:  # just below the lower bound is refused with the house message
             with pytest.raises(ParameterError, match=f"The '{p.name}' parameter of {strategy.name} must be"):
                 p.check(strategy.name, p.low - 1.0)
+        if p.high is not None:  # and just above the upper bound
+            with pytest.raises(ParameterError, match=f"The '{p.name}' parameter of {strategy.name} must be"):
+                p.check(strategy.name, p.high + 1e-9)
+    for group in strategy.exclusive:  # exclusive groups name real parameters
+        assert set(group) <= set(strategy.param_names)
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -168,8 +173,13 @@ def test_bad_parameter_values() -> None:
         compute_weights("sim", t, P, tau=0)
     with pytest.raises(ValueError, match="'tau_rel'"):
         compute_weights("sim", t, P, tau_rel=-2.0)
-    with pytest.raises(ValueError, match="either 'lam' or 'lam_rel'"):
+    with pytest.raises(ParameterError, match="Give only one of 'lam', 'lam_rel', 'lam_frac' to sparse. Got lam=1.0 "
+                       "and lam_rel=0.1."):
         compute_weights("sparse", t, P, lam=1.0, lam_rel=0.1)
+    with pytest.raises(ParameterError, match="Got lam_rel=0.1 and lam_frac=0.5"):
+        compute_weights("sparse", t, P, lam_rel=0.1, lam_frac=0.5)
+    with pytest.raises(ParameterError, match="Give only one of 'tau', 'tau_rel' to sim"):
+        compute_weights("sim", t, P, tau=1.0, tau_rel=0.1)
     with pytest.raises(ValueError, match="must be a number"):
         compute_weights("sparse", t, P, lam_rel="big")
     with pytest.raises(NonFiniteError):

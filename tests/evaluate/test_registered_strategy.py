@@ -120,7 +120,7 @@ def test_cli_param_is_checked_against_the_table(toy_bank: Any, tmp_path: Path, n
     base = ["evaluate", str(toy_bank.path), "--evaluator", f"{norm_evaluator}:score", "-k", "3", "-o",
             str(tmp_path / "r"), "--no-plots", "--strategies", "avg,sparse"]
     r = CliRunner().invoke(app, [*base, "--param", "tau_rel=2"])
-    assert isinstance(r.exception, AdapterbankError) and "Valid parameters: sparse.lam, sparse.lam_rel" in str(r.exception)
+    assert isinstance(r.exception, AdapterbankError) and "Valid parameters: sparse.lam, sparse.lam_frac, sparse.lam_rel." in str(r.exception)
     r = CliRunner().invoke(app, [*base, "--param", "lam_rel=-1"])
     assert "The 'lam_rel' parameter of sparse must be a number ≥ 0" in str(r.exception)
     r = CliRunner().invoke(app, [*base, "--param", "lam_rel=0.5", "--lam-rel", "0.5"])

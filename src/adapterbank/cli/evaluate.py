@@ -104,6 +104,7 @@ def run_evaluate(
     lower_is_better: Sequence[str] = (),
     plots: bool = True,
     target_prototypes: str | Path | None = None,
+    sweep_lam_frac: str | Sequence[float] | None = None,
 ) -> Path:
     """Open ``bank_path``, run :func:`~adapterbank.evaluate.evaluate` with the evaluator ``module:function``,
     write the report into ``out`` and return ``out``.
@@ -126,7 +127,8 @@ def run_evaluate(
     bank = Bank.open(Path(bank_path))
     res = evaluate(bank, fn, strategies=parse_strategies(strategies), k=k, params=params,
                                 include_self=include_self, sweep_k=parse_ints(sweep_k),
-                                sweep_lam=parse_floats(sweep_lam), cache_dir=cache_dir, progress=progress,
+                                sweep_lam=parse_floats(sweep_lam), sweep_lam_frac=parse_floats(sweep_lam_frac),
+                                cache_dir=cache_dir, progress=progress,
                                 target_prototypes=tp)
     res.config["evaluator"] = evaluator_spec if getattr(fn, "cache_key", None) is None else res.config["evaluator"]
     res.meta["bank"] = str(bank_path)
@@ -143,7 +145,10 @@ def evaluate_cmd(
     include_self: bool = typer.Option(False, help="Keep each target's own adapter in the pool (Table 6 ablation)."),
     sweep_k: Optional[str] = typer.Option(None, help="Extra k values, e.g. '1-8' or '2,4,8'."),
     sweep_lam: Optional[str] = typer.Option(None, help="Extra λ_rel values for sparse, e.g. '0.01,0.1,1'."),
+    sweep_lam_frac: Optional[str] = typer.Option(None, help="Extra λ/λ_max values in [0, 1] for sparse (0: Lin, "
+                                                 "1: the hull projection), e.g. '0,0.25,0.5,0.75,1'."),
     lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
+    lam_frac: Optional[float] = typer.Option(None, help="Sparse: λ = F·λ_max, F in [0, 1] (0: Lin, 1: the hull)."),
     tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
     param: Optional[list[str]] = typer.Option(None, "--param", help=PARAM_HELP),
     strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=PLUGIN_HELP),
@@ -159,8 +164,9 @@ def evaluate_cmd(
     from adapterbank.evaluate import load_results
 
     legacy: dict[str, dict[str, float]] = {}
-    if lam_rel is not None:
-        legacy["sparse"] = {"lam_rel": lam_rel}
+    sparse_legacy = {n: v for n, v in (("lam_rel", lam_rel), ("lam_frac", lam_frac)) if v is not None}
+    if sparse_legacy:
+        legacy["sparse"] = sparse_legacy
     if tau_rel is not None:
         legacy["sim"] = {"tau_rel": tau_rel}
     strats, params = strategy_params(strategy_plugin, param, parse_strategies(strategies), legacy)
@@ -170,7 +176,8 @@ def evaluate_cmd(
                   "is at distance 0 from its bank prototype, so Nearest, Lin and Sparse give it all the weight.")
     path = run_evaluate(bank, evaluator, strats, k, out, include_self, sweep_k, sweep_lam,
                         cache if cache is not None else out / ".cache", progress=sys.stderr.isatty(),
-                        params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes)
+                        params=params or None, lower_is_better=low, plots=plots, target_prototypes=target_prototypes,
+                        sweep_lam_frac=sweep_lam_frac)
     res = load_results(path / "results.json")
     if json_:
         return print_json({"report": str(path / "index.html"), "results": str(path / "results.json"),

@@ -330,6 +330,8 @@ def compose_cmd(
     strategy_plugin: Optional[list[str]] = typer.Option(None, "--strategy-plugin", help=PLUGIN_HELP),
     lam: Optional[float] = typer.Option(None, help="Sparse: absolute λ (default: scale-free, see --lam-rel)."),
     lam_rel: Optional[float] = typer.Option(None, help="Sparse: λ relative to the distance scale."),
+    lam_frac: Optional[float] = typer.Option(None, help="Sparse: λ = F·λ_max, F in [0, 1] (0: Lin, 1: the "
+                                             "convex-hull projection)."),
     tau: Optional[float] = typer.Option(None, help="Sim: absolute temperature τ."),
     tau_rel: Optional[float] = typer.Option(None, help="Sim: τ relative to the median distance."),
     base: Optional[str] = typer.Option(None, "--base", help="Only adapters of this base model."),
@@ -353,10 +355,11 @@ def compose_cmd(
     from adapterbank.compose import RECIPE_FILE, compose
     from adapterbank.compose.compose import default_output_format
 
-    legacy = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("tau", tau), ("tau_rel", tau_rel)) if v is not None}
+    legacy = {n: v for n, v in (("lam", lam), ("lam_rel", lam_rel), ("lam_frac", lam_frac), ("tau", tau),
+                                ("tau_rel", tau_rel)) if v is not None}
     if strategy == "auto" and (param or legacy):
         raise ParameterError("--strategy auto takes its parameters from the bank's tuned setting; drop --param/"
-                             "--lam/--lam-rel/--tau/--tau-rel, or give a strategy (--strategy sparse, ...).")
+                             "--lam/--lam-rel/--lam-frac/--tau/--tau-rel, or give a strategy (--strategy sparse, ...).")
     _, by_strategy = strategy_params(strategy_plugin, param, [] if strategy == "auto" else [strategy],
                                      {strategy: legacy} if legacy else {})
     params = by_strategy.get(strategy, {})

@@ -48,7 +48,8 @@ from adapterbank.errors import NonFiniteError, ParameterError, ShapeMismatchErro
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SolveResult", "gram", "solve_lin", "solve_sparse", "sparse_path", "check_problem", "lambda_max"]
+__all__ = ["SolveResult", "gram", "solve_lin", "solve_sparse", "sparse_path", "check_problem", "lambda_max",
+           "hull_projection"]
 
 _EPS = np.finfo(np.float64).eps
 _RTOL_EIG = 1e-10  # eigenvalues of a Gram below this × its largest diagonal entry count as zero
@@ -460,13 +461,32 @@ def lambda_max(P: np.ndarray, t: np.ndarray) -> float:
     return _lambda_max_gram(G, c, tt)
 
 
+def hull_projection(P: np.ndarray, t: np.ndarray) -> SolveResult:
+    """The projection of the target onto the convex hull of the prototypes: ``min_w ‖p_T − Pᵀw‖²  s.t.
+    1ᵀw = 1, w ≥ 0`` — Eq. 5 for every λ ≥ λ_max, with weights exactly ≥ 0 (``objective`` is the squared
+    residual alone).
+
+    >>> P = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> r = hull_projection(P, np.array([2.0, 1.0]))
+    >>> np.round(r.weights, 6).tolist(), round(r.objective, 6)
+    ([0.0, 1.0, 0.0], 2.0)
+    """
+    P, t = check_problem(P, t, "hull_projection")
+    G, c, _ = _gram(P, t)
+    w, status, it = _solve_sparse_gram(G, c, _hull_lam(G, c))
+    return SolveResult(w, _objective(P, t, w), status, it)
+
+
+def _hull_lam(G: np.ndarray, c: np.ndarray) -> float:
+    """A λ above λ_max: on the simplex |g_i| ≤ max|G| + max|c|, so λ_max ≤ max g − min g ≤ 2(max|G| + max|c|)."""
+    return 4.0 * (float(np.max(np.abs(G))) + float(np.max(np.abs(c)))) or 1.0
+
+
 def _lambda_max_gram(G: np.ndarray, c: np.ndarray, tt: float) -> float:
     k = G.shape[0]
     if k == 1:
         return 0.0
-    # on the simplex |g_i| ≤ max|G| + max|c|, so λ_max ≤ max g − min g ≤ 2(max|G| + max|c|) < big
-    big = 4.0 * (float(np.max(np.abs(G))) + float(np.max(np.abs(c)))) or 1.0
-    w, _, _ = _solve_sparse_gram(G, c, big, polish=False)
+    w, _, _ = _solve_sparse_gram(G, c, _hull_lam(G, c), polish=False)
     g = G @ w - c  # (k,)
     pos = w > 0
     mu = -float(np.mean(g[pos]))
@@ -479,7 +499,8 @@ def sparse_path(P: np.ndarray, t: np.ndarray, lams: np.ndarray | None = None) ->
     Default grid (m = 42): 0, then 40 geometric steps from 10⁻³·λ_max to λ_max, then 2·λ_max (past
     λ_max the weights no longer change: the projection onto the hull). If λ_max = 0 (Lin is already
     in the hull) the grid is relative to the median squared distance instead. Solved from large λ to
-    small, each warm-started from the previous solution.
+    small, each warm-started from the previous solution; every λ ≥ λ_max gets the hull projection
+    (:func:`hull_projection`'s weights, exactly ≥ 0).
 
     >>> P = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     >>> lams, W = sparse_path(P, np.array([2.0, 1.0]))
@@ -491,8 +512,9 @@ def sparse_path(P: np.ndarray, t: np.ndarray, lams: np.ndarray | None = None) ->
     P, t = check_problem(P, t, "sparse_path")
     G, c, tt = _gram(P, t)
     k = G.shape[0]
+    lmax_true = _lambda_max_gram(G, c, tt)
     if lams is None:
-        lmax = _lambda_max_gram(G, c, tt)
+        lmax = lmax_true
         if lmax <= 0:
             d = np.diag(G) - 2 * c + tt
             lmax = float(np.median(d)) or float(np.mean(d)) or 1.0
@@ -502,8 +524,14 @@ def sparse_path(P: np.ndarray, t: np.ndarray, lams: np.ndarray | None = None) ->
     W = np.zeros((lams.size, k))
     order = np.argsort(-lams, kind="stable")
     w_prev: np.ndarray | None = None
+    w_hull: np.ndarray | None = None
     for i in order:
-        w, _, _ = _solve_sparse_gram(G, c, float(lams[i]), w0=w_prev)
+        if 0 < lmax_true <= lams[i]:  # from λ_max on: the hull projection, its weights exactly ≥ 0
+            if w_hull is None:
+                w_hull = _solve_sparse_gram(G, c, _hull_lam(G, c))[0]
+            w = w_hull
+        else:
+            w, _, _ = _solve_sparse_gram(G, c, float(lams[i]), w0=w_prev)
         W[i] = w
         if lams[i] > 0:
             w_prev = w

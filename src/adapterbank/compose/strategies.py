@@ -17,7 +17,8 @@ Scale-free defaults: τ and λ are squared distances, so both are set relative t
 distance d_med = median_i d_i of the retrieved prototypes (the mean if the median is 0, 1 if all
 distances are 0): τ = τ_rel·d_med, λ = λ_rel·d_med. Scaling the target and the prototypes by the same
 factor, or translating them together, then leaves every weight unchanged. An absolute ``tau``/``lam``
-may be given instead (then scale-dependent). The effective values are returned in
+may be given instead (then scale-dependent). λ also has its natural scale, ``lam_frac`` = λ/λ_max in
+[0, 1] (0: Lin, 1: the convex-hull projection), scale-free too. The effective values are returned in
 ``WeightResult.params``.
 
 :data:`STRATEGIES` is the only list of strategies: each :class:`Strategy` row carries the name, the column
@@ -31,14 +32,22 @@ lookup (:func:`get_strategy`) all read it. :func:`register_strategy` adds a row 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from adapterbank._validation import Bounds
-from adapterbank.compose.solvers import ParameterError, check_problem, lambda_max, solve_lin, solve_sparse
+from adapterbank.compose.solvers import (
+    ParameterError,
+    SolveResult,
+    check_problem,
+    hull_projection,
+    lambda_max,
+    solve_lin,
+    solve_sparse,
+)
 from adapterbank.errors import LambdaAtHullWarning, SolverError, UnknownNameError
 
 __all__ = ["WeightResult", "Param", "Strategy", "STRATEGIES", "get_strategy", "register_strategy",
@@ -105,6 +114,23 @@ class Strategy:
     params: tuple[Param, ...] = ()
     order: int = 100
     depends_on_k: bool = True
+    exclusive: tuple[tuple[str, ...], ...] = ()
+
+    def check_exclusive(self, params: Mapping[str, Any]) -> None:
+        """Refuse ``params`` that give more than one parameter of a group in :attr:`exclusive` (e.g. ``lam`` and
+        ``lam_frac``: two settings of the same λ) with a ParameterError naming them.
+
+        >>> get_strategy("sparse").check_exclusive({"lam_rel": 0.1, "lam_frac": 0.5})
+        Traceback (most recent call last):
+        ...
+        adapterbank.errors.ParameterError: Give only one of 'lam', 'lam_rel', 'lam_frac' to sparse. Got lam_rel=0.1 and lam_frac=0.5.
+        """
+        for group in self.exclusive:
+            given = [n for n in group if params.get(n) is not None]
+            if len(given) > 1:
+                names = ", ".join(repr(n) for n in group)
+                got = " and ".join(f"{n}={params[n]!r}" for n in given)
+                raise ParameterError(f"Give only one of {names} to {self.name}. Got {got}.")
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -151,9 +177,7 @@ def distance_scale(d: np.ndarray) -> float:
 def _resolve(strategy: str, abs_param: Param, rel_param: Param, abs_value: float | None, rel_value: float | None,
              scale: float) -> tuple[float, float]:
     """(absolute, relative) value of τ or λ from whichever of the two was given (else the relative default)."""
-    if abs_value is not None and rel_value is not None:
-        raise ParameterError(f"Give either '{abs_param.name}' or '{rel_param.name}' to {strategy}, not both. "
-                             f"Got {abs_param.name}={abs_value!r} and {rel_param.name}={rel_value!r}.")
+    STRATEGIES[strategy].check_exclusive({abs_param.name: abs_value, rel_param.name: rel_value})
     if abs_value is not None:
         a = abs_param.check(strategy, abs_value)
         return a, a / scale
@@ -168,6 +192,9 @@ _TAU_REL = Param("tau_rel", "number", 0.0, None, DEFAULT_TAU_REL, "Sim: τ relat
 _LAM = Param("lam", "number", 0.0, None, None, "Sparse: absolute λ (default: lam_rel · median distance).")
 _LAM_REL = Param("lam_rel", "number", 0.0, None, DEFAULT_LAM_REL,
                  "Sparse: λ relative to the median squared distance (0: Lin).")
+_LAM_FRAC = Param("lam_frac", "number", 0.0, 1.0, None,
+                  "Sparse: λ as a fraction of λ_max, λ = lam_frac · λ_max (0: Lin, 1: the convex-hull projection).")
+_SPARSE_LAMS = ("lam", "lam_rel", "lam_frac")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,34 +243,60 @@ def lin(target: np.ndarray, prototypes: np.ndarray) -> WeightResult:
 
 
 def sparse(target: np.ndarray, prototypes: np.ndarray, lam: float | None = None,
-           lam_rel: float | None = None) -> WeightResult:
+           lam_rel: float | None = None, lam_frac: float | None = None) -> WeightResult:
     """Eq. 5 ("ours"): ``argmin_w ‖p_T − Pᵀw‖² + λ‖w‖₁  s.t. 1ᵀw = 1``, solved exactly.
 
-    ``λ = lam_rel · median(d)`` with ``lam_rel`` default 0.1. Since Σw = 1, ``λ‖w‖₁ = λ + 2λ·(negative
-    mass)``: a unit of negative weight must reduce the squared residual by 2λ = 0.2·d_med to be kept,
-    i.e. by a fifth of a typical squared distance. That removes negative weights that only fit noise
-    (Lin's extrapolation) yet keeps them when the target lies far outside the hull; for
-    ``λ ≥ lam_max`` (returned in ``params``) the weights are the projection onto the convex hull and a
-    :class:`~adapterbank.errors.LambdaAtHullWarning` says so (once per call).
-    ``lam_rel = 0`` is Lin.
+    λ is given one of three ways (at most one): ``lam`` (absolute), ``lam_rel`` (× the median squared
+    distance; the default, 0.1) or ``lam_frac`` (× λ_max, in [0, 1]).
+
+    ``lam_rel`` = 0.1: since Σw = 1, ``λ‖w‖₁ = λ + 2λ·(negative mass)``: a unit of negative weight must
+    reduce the squared residual by 2λ = 0.2·d_med to be kept, i.e. by a fifth of a typical squared
+    distance. That removes negative weights that only fit noise (Lin's extrapolation) yet keeps them when
+    the target lies far outside the hull.
+
+    ``lam_frac`` = F is Eq. 5's natural scale: λ = F·λ_max, where λ_max (returned in ``params``) is the
+    smallest λ whose solution is the projection onto the convex hull of the prototypes. F = 0 is Lin,
+    F = 1 the hull projection, and in between the path from one to the other. When λ_max = 0 (Lin's
+    weights are already ≥ 0, so Lin *is* the hull projection) every F gives Lin's weights (λ = 0).
+
+    For ``λ ≥ λ_max`` arising from ``lam`` or ``lam_rel`` a :class:`~adapterbank.errors.LambdaAtHullWarning`
+    says that the weights are the hull projection (once per call); ``lam_frac = 1`` asks for the hull, so
+    it does not warn. ``params`` holds the effective ``lam``, ``lam_rel``, ``lam_frac`` (= min(1, λ/λ_max);
+    when λ_max = 0: the F given, else 0 for λ = 0 and 1 for λ > 0 — every λ gives the same weights),
+    ``scale`` and ``lam_max``. Re-running with the recorded ``lam_frac`` gives the same weights.
 
     >>> P = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
     >>> r = sparse(np.array([0.2, 0.3]), P)                    # inside the hull: barycentric weights
     >>> np.round(r.weights, 6).tolist(), r.status
     ([0.5, 0.2, 0.3], 'optimal')
+    >>> r = sparse(np.array([2.0, 1.0]), P, lam_frac=0.5)      # outside: half way from Lin to the hull
+    >>> np.round(r.weights, 6).tolist(), r.params["lam"], r.params["lam_max"]
+    ([-1.0, 1.5, 0.5], 0.5, 1.0)
     """
+    STRATEGIES["sparse"].check_exclusive({"lam": lam, "lam_rel": lam_rel, "lam_frac": lam_frac})
     d = distances(target, prototypes)
     scale = distance_scale(d)
-    l_abs, l_rel = _resolve("sparse", _LAM, _LAM_REL, lam, lam_rel, scale)
-    res = solve_sparse(prototypes, target, l_abs)
     lmax = lambda_max(prototypes, target)
-    if 0.0 < lmax <= l_abs:
-        warnings.warn(f"sparse: λ = {l_abs:.4g} (lam_rel = {l_rel:.4g}) is ≥ λ_max = {lmax:.4g}, so the weights are the "
-                      "projection onto the convex hull of the retrieved prototypes (no negative weight). Give "
-                      f"lam_rel < {lmax / scale:.4g} to keep the negative weights that bring the target closer.",
-                      LambdaAtHullWarning, stacklevel=3)
-    return WeightResult(res.weights, {"lam": l_abs, "lam_rel": l_rel, "scale": scale, "lam_max": lmax},
-                        res.status, res.objective)
+    if lam_frac is not None:
+        frac = _LAM_FRAC.check("sparse", lam_frac)
+        l_abs = frac * lmax  # λ_max = 0: λ = 0, Lin (which is then the hull projection) for every F
+        l_rel = l_abs / scale
+    else:
+        l_abs, l_rel = _resolve("sparse", _LAM, _LAM_REL, lam, lam_rel, scale)
+        frac = min(1.0, l_abs / lmax) if lmax > 0 else (1.0 if l_abs > 0 else 0.0)
+        if 0.0 < lmax <= l_abs:
+            warnings.warn(f"sparse: λ = {l_abs:.4g} (lam_rel = {l_rel:.4g}) is ≥ λ_max = {lmax:.4g}, so the weights are "
+                          "the projection onto the convex hull of the retrieved prototypes (no negative weight). Give "
+                          f"lam_frac < 1 (λ = lam_frac·λ_max) or lam_rel < {lmax / scale:.4g} to keep the negative "
+                          "weights that bring the target closer.", LambdaAtHullWarning, stacklevel=3)
+    if 0.0 < lmax <= l_abs:  # from λ_max on (lam_frac = 1 included): the hull projection, weights exactly ≥ 0
+        hull = hull_projection(prototypes, target)
+        res = SolveResult(hull.weights, hull.objective + l_abs * float(np.abs(hull.weights).sum()), hull.status,
+                          hull.iterations)
+    else:
+        res = solve_sparse(prototypes, target, l_abs)
+    return WeightResult(res.weights, {"lam": l_abs, "lam_rel": l_rel, "lam_frac": frac, "scale": scale,
+                                      "lam_max": lmax}, res.status, res.objective)
 
 
 def nearest(target: np.ndarray, prototypes: np.ndarray) -> WeightResult:
@@ -265,11 +318,13 @@ STRATEGIES: dict[str, Strategy] = {
     for s in (
         Strategy("avg", avg, "Avg", "uniform weights 1/k", "AdapterSoup (Chronopoulou et al., 2023)", order=20),
         Strategy("sim", sim, "Sim", "softmax of negative squared distances, τ relative to their median (Eq. 3)",
-                 "LoRA-Retriever (Zhao et al., 2024)", (_TAU, _TAU_REL), order=30),
+                 "LoRA-Retriever (Zhao et al., 2024)", (_TAU, _TAU_REL), order=30,
+                 exclusive=(("tau", "tau_rel"),)),
         Strategy("lin", lin, "Lin", "sum-to-one least squares, negative weights allowed, min-norm (Eq. 4)",
                  "Beyond adapter retrieval, Eq. 4", order=40),
         Strategy("sparse", sparse, "Sparse", "sum-to-one least squares + λ‖w‖₁, exact active set (Eq. 5)",
-                 "Beyond adapter retrieval, Eq. 5 (ours)", (_LAM, _LAM_REL), order=50),
+                 "Beyond adapter retrieval, Eq. 5 (ours)", (_LAM, _LAM_REL, _LAM_FRAC), order=50,
+                 exclusive=(_SPARSE_LAMS,)),
         Strategy("nearest", nearest, "Nearest", "all weight on the nearest prototype", "k = 1 retrieval", order=10,
                  depends_on_k=False),
     )
@@ -282,7 +337,7 @@ def get_strategy(name: str) -> Strategy:
     """The strategy called ``name``; an unknown name raises an error listing the valid ones.
 
     >>> get_strategy("sparse").param_names
-    ('lam', 'lam_rel')
+    ('lam', 'lam_rel', 'lam_frac')
     """
     try:
         return STRATEGIES[name]
@@ -386,6 +441,7 @@ def compute_weights(name: str, target: np.ndarray, prototypes: np.ndarray, **par
         valid = ", ".join(strat.param_names) if strat.params else "none"
         raise UnknownNameError(f"Unknown parameter(s) {', '.join(map(repr, unknown))} for strategy {name!r}. "
                                f"Valid parameters: {valid}.")
+    strat.check_exclusive(params)
     res = strat.fn(t, P, **params)
     w = np.asarray(res.weights, dtype=np.float64)
     if w.shape != (P.shape[0],) or not np.isfinite(w).all() or abs(float(w.sum()) - 1.0) > 1e-8:

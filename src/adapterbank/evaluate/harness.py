@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate", "load_evaluator", "check_metrics", "check_output", "PER_ITEM", "evaluator_id", "pca_2d",
            "Evaluator", "ALL_STRATEGIES"]
 
+PATH_FRACTIONS = np.union1d(np.linspace(0.0, 1.0, 41), np.geomspace(1e-3, 1.0, 31))
+"""λ/λ_max of the λ-path's points: even steps for the plot's linear axis, geometric ones for the kinks near 0."""
+
 ALL_STRATEGIES = tuple(STRATEGIES)
 """The built-in strategies (a snapshot at import). ``evaluate(strategies="all")``, the default, reads
 :data:`~adapterbank.compose.strategies.STRATEGIES` at call time, so registered strategies are included."""
@@ -128,6 +131,7 @@ def _norm_params(params: Mapping[str, Any] | None, strategies: Sequence[str]) ->
         for a, b in p.items():
             prm = get_strategy(name).param(str(a))  # an unknown parameter name lists the valid ones
             vals[str(a)] = float(prm.bounds.check(b, prm.name, name))
+        get_strategy(name).check_exclusive(vals)  # e.g. lam_rel and lam_frac: refused before any evaluator call
         out[name] = vals
     return out
 
@@ -274,15 +278,18 @@ class _Runner:
         return rec
 
     def lambda_path(self, target: str, k: int, chosen: float | None) -> LambdaPath | None:
-        from adapterbank.compose.solvers import sparse_path
+        """The sparse weights along λ = F·λ_max for F on :data:`PATH_FRACTIONS` (λ = 0 alone when λ_max = 0)."""
+        from adapterbank.compose.solvers import lambda_max, sparse_path
 
         ids = [h.id for h in self.pool(target, k)]
         if len(ids) < 2:
             return None
         P = np.stack([self.proto(i).vector for i in ids]).astype(np.float64)  # (k, d)
-        lams, W = sparse_path(P, self.target_proto(target).vector.astype(np.float64))  # (m,), (m, k)
+        t = self.target_proto(target).vector.astype(np.float64)  # (d,)
+        lmax = lambda_max(P, t)
+        lams, W = sparse_path(P, t, PATH_FRACTIONS * lmax if lmax > 0 else np.zeros(1))  # (m,), (m, k)
         return LambdaPath(target, ids, [float(x) for x in np.asarray(lams)],
-                          [[float(x) for x in row] for row in np.asarray(W)], chosen)
+                          [[float(x) for x in row] for row in np.asarray(W)], chosen, float(lmax))
 
     def prototype_map(self) -> PrototypeMap | None:
         ids = sorted(i for i in self.cards if self.has_proto(i))
@@ -310,6 +317,7 @@ def evaluate(
     baselines: Sequence[str] = BASELINES,
     sweep_k: Sequence[int] | None = None,
     sweep_lam: Sequence[float] | None = None,
+    sweep_lam_frac: Sequence[float] | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = False,
     tasks: Mapping[str, Any] | None = None,
@@ -338,6 +346,8 @@ def evaluate(
         sweep_k: extra k values; every strategy whose weights depend on k (all but ``nearest``) is scored at each
             (score-vs-k series).
         sweep_lam: ``lam_rel`` values for ``sparse`` at ``k`` (score-vs-λ series).
+        sweep_lam_frac: ``lam_frac`` values in [0, 1] for ``sparse`` at ``k`` (λ = lam_frac·λ_max of each target's
+            retrieval; 0 is Lin, 1 the convex-hull projection): the score-vs-λ/λ_max series.
         cache_dir: folder of JSON cache files; a rerun only calls the evaluator for what changed. The key holds
             the evaluator's ``cache_key`` attribute (or ``module:qualname``) — change it when the evaluator or
             its tasks change.
@@ -372,6 +382,7 @@ def evaluate(
     prm = _norm_params(params, strats)
     ks = _check_each(K, "sweep_k", sweep_k)
     lams = _check_each(Bounds("number", 0.0), "sweep_lam", sweep_lam)
+    fracs = _check_each(get_strategy("sparse").param("lam_frac").bounds, "sweep_lam_frac", sweep_lam_frac)
     cdir = Path(cache_dir) if cache_dir is not None else None
 
     spaces = {sp.key: sp for sp in bank.spaces()}
@@ -421,8 +432,9 @@ def evaluate(
         jobs += [(t, s, k, prm.get(s, {}), None) for s in strats]
         jobs += [(t, s, kk, prm.get(s, {}), "k") for kk in ks for s in strats if get_strategy(s).depends_on_k]
         run.plan_retrieval(t, max([k, *ks]))  # one search per target, at the largest k
-        base_sparse = {a: b for a, b in prm.get("sparse", {}).items() if a not in ("lam", "lam_rel")}
+        base_sparse = {a: b for a, b in prm.get("sparse", {}).items() if a not in ("lam", "lam_rel", "lam_frac")}
         jobs += [(t, "sparse", k, {**base_sparse, "lam_rel": lam}, "lam") for lam in lams]
+        jobs += [(t, "sparse", k, {**base_sparse, "lam_frac": f}, "lam_frac") for f in fracs]
 
     from tqdm.auto import tqdm
 
@@ -448,7 +460,7 @@ def evaluate(
             paths[t] = lp
 
     config = {"strategies": strats, "k": k, "params": prm, "include_self": include_self, "baselines": bl,
-              "sweep_k": ks, "sweep_lam": lams, "evaluator": run.ev_id,
+              "sweep_k": ks, "sweep_lam": lams, "sweep_lam_frac": fracs, "evaluator": run.ev_id,
               "space": run.space.key if run.space is not None else None, "targets": tgt}
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(),
             "bank": str(bank.root), "n_adapters": len(run.cards),

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapterbank.errors import AdapterbankError
-from adapterbank.evaluate.results import BASELINES, EvalResults, display_name, order_methods
+from adapterbank.evaluate.results import BASELINES, EvalResults, LambdaPath, display_name, order_methods
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-__all__ = ["OKABE_ITO", "METHOD_STYLE", "plot_weights", "plot_lambda_path", "plot_prototype_map",
+__all__ = ["OKABE_ITO", "METHOD_STYLE", "plot_weights", "lambda_path_data", "plot_lambda_path", "plot_prototype_map",
            "plot_sweep", "plot_scores", "write_plots"]
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
@@ -100,39 +100,71 @@ def plot_weights(results: EvalResults, target: str, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_lambda_path(results: EvalResults, target: str, path: Path) -> Path | None:
-    """The sparse solution's weights against λ (log-x): which adapters enter and leave, and where λ was chosen."""
-    lp = results.lambda_paths.get(target)
-    if lp is None or not lp.lams:
+def lambda_path_data(lp: LambdaPath) -> dict[str, Any] | None:
+    """What :func:`plot_lambda_path` draws, on the λ/λ_max axis: ``x`` (m,) in [0, 1] sorted, ``weights`` (m, k),
+    ``chosen`` (the chosen λ as a fraction of λ_max, at most 1; ``None`` if none), ``chosen_lam`` (absolute),
+    ``past_hull`` (the chosen λ was ≥ λ_max), ``lam_max``, ``approx`` (λ_max was not stored — results written
+    before it was — and is taken as the smallest λ of the grid whose weights are all ≥ 0) and ``flat``
+    (λ_max = 0: Lin's weights are already ≥ 0 and every λ gives them; drawn as constant lines over [0, 1]).
+
+    >>> lp = LambdaPath("t", ["a", "b", "c"], [0.0, 0.5, 1.0], [[-2, 2, 1], [-1, 1.5, 0.5], [0, 1, 0]], 0.25, 1.0)
+    >>> d = lambda_path_data(lp)
+    >>> d["x"].tolist(), d["chosen"], d["past_hull"]
+    ([0.0, 0.5, 1.0], 0.25, False)
+    """
+    if not lp.lams:
         return None
     lams = np.asarray(lp.lams, dtype=np.float64)  # (m,)
     W = np.asarray(lp.weights, dtype=np.float64)  # (m, k)
-    order = np.argsort(lams)
+    order = np.argsort(lams, kind="stable")
     lams, W = lams[order], W[order]
-    pos = lams > 0
-    if not pos.any():
+    lmax, approx = lp.lam_max, lp.lam_max is None
+    if lmax is None:
+        hull = np.flatnonzero((W >= -1e-12).all(axis=1))
+        lmax = float(lams[hull[0]]) if hull.size else float(lams[-1])
+    flat = lmax <= 0
+    if flat:
+        x, W = np.array([0.0, 1.0]), np.stack([W[0], W[0]])
+    else:
+        keep = lams <= lmax * (1 + 1e-12)  # past λ_max nothing changes: the axis ends at 1
+        x, W = np.minimum(lams[keep] / lmax, 1.0), W[keep]
+    chosen = past = None
+    if lp.chosen_lam is not None:
+        past = (not flat) and lp.chosen_lam >= lmax
+        chosen = 1.0 if flat and lp.chosen_lam > 0 else (0.0 if flat else min(1.0, lp.chosen_lam / lmax))
+    return {"x": x, "weights": W, "ids": list(lp.ids), "chosen": chosen, "chosen_lam": lp.chosen_lam,
+            "past_hull": bool(past), "lam_max": float(lmax), "approx": approx, "flat": flat}
+
+
+def plot_lambda_path(results: EvalResults, target: str, path: Path) -> Path | None:
+    """The sparse solution's weights against λ/λ_max (0: Lin, 1: the convex-hull projection), the chosen λ
+    marked and absolute λ on the top axis: which adapters enter and leave, and where λ was chosen."""
+    lp = results.lambda_paths.get(target)
+    data = lambda_path_data(lp) if lp is not None else None
+    if data is None:
         return None
-    floor = lams[pos].min() / 10.0
-    lams_plot = np.where(pos, lams, floor)  # λ = 0 drawn at the left edge
-    fig = _figure(5.4, 3.4)
+    x, W, lmax = data["x"], data["weights"], data["lam_max"]
+    fig = _figure(5.4, 3.6)
     ax = fig.add_subplot()
-    for j, i in enumerate(lp.ids):
-        ax.plot(lams_plot, W[:, j], color=OKABE_ITO[j % len(OKABE_ITO)],
+    for j, i in enumerate(data["ids"]):
+        ax.plot(x, W[:, j], color=OKABE_ITO[j % len(OKABE_ITO)],
                 linestyle=_LINESTYLES[(j // len(OKABE_ITO)) % len(_LINESTYLES)], marker=".", markersize=3,
                 linewidth=1.4, label=_short(i, 24))
-    if lp.chosen_lam is not None and lp.chosen_lam > lams_plot[-1]:
-        # the grid ends at 2·λ_max; past λ_max the solution no longer changes: extend it (dotted) to the chosen λ
-        for j in range(W.shape[1]):
-            ax.plot([lams_plot[-1], lp.chosen_lam], [W[-1, j], W[-1, j]], color=OKABE_ITO[j % len(OKABE_ITO)],
-                    linestyle=":", linewidth=1.2)
     ax.axhline(0.0, color="black", linewidth=0.8)
-    if lp.chosen_lam is not None and lp.chosen_lam > 0:
-        ax.axvline(lp.chosen_lam, color="#555555", linestyle="--", linewidth=1.0)
-        ax.annotate(f"chosen λ={lp.chosen_lam:.3g}", (lp.chosen_lam, 1.0), xycoords=("data", "axes fraction"),
-                    xytext=(4, -10), textcoords="offset points", fontsize=7, color="#555555",
+    if data["chosen"] is not None:
+        c = data["chosen"]
+        what = ("λ_max = 0: every λ gives Lin's weights" if data["flat"] else
+                f"chosen λ={data['chosen_lam']:.3g}" + (" ≥ λ_max (hull)" if data["past_hull"] else f" (λ/λ_max={c:.2f})"))
+        ax.axvline(c, color="#555555", linestyle="--", linewidth=1.0)
+        ax.annotate(what, (c, 1.0), xycoords=("data", "axes fraction"), xytext=(-4 if c > 0.5 else 4, -10),
+                    textcoords="offset points", fontsize=7, color="#555555", ha="right" if c > 0.5 else "left",
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.9})
-    ax.set_xscale("log")
-    ax.set_xlabel("λ (ℓ1 penalty, log scale)" + (" — λ=0 at left edge" if not pos.all() else ""))
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("λ / λ_max (lam_frac: 0 = Lin, 1 = convex-hull projection)")
+    if not data["flat"]:
+        top = ax.secondary_xaxis("top", functions=(lambda f: f * lmax, lambda lam: lam / lmax))
+        top.set_xlabel(f"absolute λ (λ_max = {lmax:.3g}{', from the grid' if data['approx'] else ''})", fontsize=8)
+        top.tick_params(labelsize=7)
     ax.set_ylabel("weight $w_i$")
     ax.set_title(f"Sparse projection λ-path, target {target}", fontsize=10)
     _polish(ax)
@@ -197,7 +229,8 @@ def plot_prototype_map(results: EvalResults, target: str, path: Path) -> Path | 
 
 
 def plot_sweep(results: EvalResults, metric: str, sweep: str, path: Path, lower_is_better: bool = False) -> Path | None:
-    """Mean score over targets against k (``sweep="k"``) or against relative λ (``sweep="lam"``), baselines dashed."""
+    """Mean score over targets against k (``sweep="k"``), relative λ (``sweep="lam"``) or λ/λ_max
+    (``sweep="lam_frac"``, linear axis from 0 = Lin to 1 = the hull projection), baselines dashed."""
     series = results.series(metric, sweep)
     if not series:
         return None
@@ -224,6 +257,10 @@ def plot_sweep(results: EvalResults, metric: str, sweep: str, path: Path, lower_
         ax.set_xlabel("k (adapters retrieved)")
         ax.set_xticks(sorted(set(xs_all)))
         title = f"{metric} vs k"
+    elif sweep == "lam_frac":
+        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlabel("λ / λ_max (lam_frac: 0 = Lin, 1 = convex-hull projection)")
+        title = f"{metric} vs λ/λ_max (sparse, k={results.config.get('k')})"
     else:
         if xs_all and min(xs_all) > 0:
             ax.set_xscale("log")

@@ -30,6 +30,7 @@ from adapterbank.evaluate.results import (
     best_methods,
     display_name,
     order_methods,
+    sweep_label,
 )
 
 __all__ = ["write_report", "load_results", "score_rows", "weight_rows", "fmt", "interval_text", "interval_note"]
@@ -226,7 +227,7 @@ def _markdown(results: EvalResults, low: set[str], plots: Mapping[str, list[Path
             xs, srows = _sweep_rows(results, metric, sweep)
             if not srows:
                 continue
-            label = "k" if sweep == "k" else "lam_rel"
+            label = sweep_label(sweep)
             lines += [f"### {metric} vs {label} (mean over targets)", ""]
             lines += _md_table(["method"] + [f"{label}={_xfmt(x, sweep)}" for x in xs],
                                [[display_name(m)] + c for m, c in srows])
@@ -320,7 +321,7 @@ def _html(results: EvalResults, low: set[str], plots: Mapping[str, list[Path]], 
             xs, srows = _sweep_rows(results, metric, sweep)
             if not srows:
                 continue
-            label = "k" if sweep == "k" else "lam_rel"
+            label = sweep_label(sweep)
             body.append(f"<h3>{_h(metric)} vs {label} (mean over targets)</h3>")
             body.append(_html_table(["method"] + [f"{label}={_xfmt(x, sweep)}" for x in xs],
                                     [(display_name(m), [(c, False) for c in cells]) for m, cells in srows]))

@@ -33,6 +33,8 @@ __all__ = [
     "Comparison",
     "N_BOOT",
     "CI",
+    "SWEEP_PARAMS",
+    "sweep_label",
 ]
 
 RESULTS_SCHEMA = 1
@@ -44,6 +46,19 @@ CI = 0.95
 
 BASELINES = ("pretrained", "sft")
 """Methods that are not compositions: the base model alone, and the target's own (supervised) adapter."""
+
+SWEEP_PARAMS = {"lam": "lam_rel", "lam_frac": "lam_frac"}
+"""The sparse parameter each λ sweep varies (``sweep_lam``: ``lam_rel``; ``sweep_lam_frac``: ``lam_frac`` = λ/λ_max)."""
+
+
+def sweep_label(sweep: str) -> str:
+    """The name of a sweep's x: ``k``, or the sparse parameter it varies.
+
+    >>> sweep_label("k"), sweep_label("lam"), sweep_label("lam_frac")
+    ('k', 'lam_rel', 'lam_frac')
+    """
+    return SWEEP_PARAMS.get(sweep, sweep)
+
 
 BASELINE_DISPLAY = {"pretrained": "Pre-trained", "sft": "SFT"}
 """Column titles of the baselines; the strategies' come from their rows of the strategy table."""
@@ -162,13 +177,15 @@ class EvalRecord:
 
 @dataclass
 class LambdaPath:
-    """The whole λ-path of the sparse solution for one target: weights (m, k) at λ values (m,)."""
+    """The whole λ-path of the sparse solution for one target: weights (m, k) at λ values (m,), the λ that
+    was chosen (the main table's) and λ_max (``None`` in results written before it was stored)."""
 
     target: str
     ids: list[str]
     lams: list[float]
     weights: list[list[float]]
     chosen_lam: float | None = None
+    lam_max: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,7 +194,8 @@ class LambdaPath:
     def from_dict(cls, d: Mapping[str, Any]) -> LambdaPath:
         return cls(str(d["target"]), [str(x) for x in d["ids"]], [float(x) for x in d["lams"]],
                    [[float(x) for x in row] for row in d["weights"]],
-                   None if d.get("chosen_lam") is None else float(d["chosen_lam"]))
+                   None if d.get("chosen_lam") is None else float(d["chosen_lam"]),
+                   None if d.get("lam_max") is None else float(d["lam_max"]))
 
 
 @dataclass
@@ -284,12 +302,13 @@ class EvalResults:
         return out
 
     def series(self, metric: str, sweep: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
-        """Sweep points ``{method: {target: [(x, value), ...]}}`` sorted by x; x = k or requested ``lam_rel``."""
+        """Sweep points ``{method: {target: [(x, value), ...]}}`` sorted by x; x = k, or the requested ``lam_rel``
+        (``sweep="lam"``) or ``lam_frac`` (``sweep="lam_frac"``): see :data:`SWEEP_PARAMS`."""
         out: dict[str, dict[str, list[tuple[float, float]]]] = {}
         for r in self.records:
             if r.sweep != sweep or metric not in r.metrics:
                 continue
-            x = float(r.k) if sweep == "k" else float(r.params.get("lam_rel", math.nan))
+            x = float(r.k) if sweep == "k" else float(r.params.get(sweep_label(sweep), math.nan))
             out.setdefault(r.method, {}).setdefault(r.target, []).append((x, r.metrics[metric]))
         for per in out.values():
             for t in per:
