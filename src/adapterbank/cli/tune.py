@@ -17,19 +17,28 @@ from adapterbank.cli.render import console, json_option, print_json
 __all__ = ["build_grid", "tune_cmd"]
 
 
-def build_grid(strategies: str | None, lam_rel: list[float] | None, tau_rel: list[float] | None) -> dict[str, Any]:
+def build_grid(strategies: str | None, lam_rel: list[float] | None, tau_rel: list[float] | None,
+               lam_frac: list[float] | None = None) -> dict[str, Any]:
     """The tune grid from the command line: the default grid, restricted to ``strategies`` (comma-separated), with
-    ``--grid-lam-rel``/``--grid-tau-rel`` replacing the sparse/sim values.
+    ``--grid-lam-frac``/``--grid-lam-rel``/``--grid-tau-rel`` replacing the sparse/sim values (λ is set one way).
 
     >>> build_grid("avg,sparse", [0.5], None)
     {'avg': {}, 'sparse': {'lam_rel': [0.5]}}
+    >>> build_grid("sparse", None, None, [0.5, 1.0])
+    {'sparse': {'lam_frac': [0.5, 1.0]}}
     """
     from adapterbank.evaluate.tune import DEFAULT_GRID
 
     names = csv_list(strategies) or list(DEFAULT_GRID)
     grid: dict[str, Any] = {n: dict(DEFAULT_GRID.get(n, {})) for n in names}
-    for strat, pname, vals in (("sparse", "lam_rel", lam_rel), ("sim", "tau_rel", tau_rel)):
+    if lam_rel and lam_frac:
+        from adapterbank.errors import ParameterError
+
+        raise ParameterError("Give --grid-lam-rel or --grid-lam-frac, not both: sparse's λ is set one way.")
+    for strat, pname, vals in (("sparse", "lam_rel", lam_rel), ("sparse", "lam_frac", lam_frac),
+                               ("sim", "tau_rel", tau_rel)):
         if vals and strat in grid:
+            grid[strat] = {k: v for k, v in grid[strat].items() if strat != "sparse" or not k.startswith("lam")}
             grid[strat][pname] = vals
     return grid
 
@@ -43,8 +52,10 @@ def tune_cmd(
     strategies: Optional[str] = typer.Option(None, "--strategies", help="Comma-separated strategies of the grid "
                                              "(default: nearest,avg,sim,lin,sparse; earlier wins ties)."),
     grid_k: str = typer.Option("3,5", "--grid-k", help="k values to try, e.g. '3,5' or '2-6'."),
-    grid_lam_rel: Optional[str] = typer.Option(None, "--grid-lam-rel", help="Sparse λ_rel values "
-                                               "(default 0.01,0.1,1)."),
+    grid_lam_frac: Optional[str] = typer.Option(None, "--grid-lam-frac", help="Sparse λ/λ_max values "
+                                                "(default 0.25,0.5,0.75,1)."),
+    grid_lam_rel: Optional[str] = typer.Option(None, "--grid-lam-rel", help="Sparse λ_rel values instead of "
+                                               "--grid-lam-frac."),
     grid_tau_rel: Optional[str] = typer.Option(None, "--grid-tau-rel", help="Sim τ_rel values (default 0.5,1,2)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write results.json/md, index.html, tune.json and "
                                           "tune.md into this folder."),
@@ -63,7 +74,7 @@ def tune_cmd(
 
     for spec in strategy_plugin or []:
         load_callable(spec, "strategy plugin")()
-    grid = build_grid(strategies, parse_floats(grid_lam_rel), parse_floats(grid_tau_rel))
+    grid = build_grid(strategies, parse_floats(grid_lam_rel), parse_floats(grid_tau_rel), parse_floats(grid_lam_frac))
     cdir = cache if cache is not None else (report / ".cache" if report is not None else None)
     b = Bank.open(bank)
     try:

@@ -71,7 +71,8 @@ __all__ = [
 
 #: The default grid, simpler strategies first (the tie order). τ_rel and λ_rel around their defaults (1, 0.1).
 DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
-    "nearest": {}, "avg": {}, "sim": {"tau_rel": [0.5, 1.0, 2.0]}, "lin": {}, "sparse": {"lam_rel": [0.01, 0.1, 1.0]},
+    # sparse on the natural scale of Eq. 5: λ = F·λ_max (F = 0 would repeat lin; F = 1 is the hull projection)
+    "nearest": {}, "avg": {}, "sim": {"tau_rel": [0.5, 1.0, 2.0]}, "lin": {}, "sparse": {"lam_frac": [0.25, 0.5, 0.75, 1.0]},
 }
 DEFAULT_K_VALUES: tuple[int, ...] = (3, 5)
 #: The method name of the nested leave-one-out choice in the merged results' table.
