@@ -52,7 +52,7 @@ from adapterbank.lora import LoraAdapter, LoraModule, _layout, shared_metadata
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeParam", "MergeMethod", "MERGE_METHODS", "get_merge_method", "merge_adapters", "module_seed",
+__all__ = ["MergeParam", "MergeMethod", "MERGE_METHODS", "get_merge_method", "merge_adapters", "module_seed", "refactor",
            "trim", "dare_drop", "elect_sign", "disjoint_mean", "linear", "magnitude_prune", "ties",
            "dare_linear", "dare_ties"]
 
@@ -258,7 +258,7 @@ def module_seed(seed: int, module: str) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact SVD of one dense ΔW (n_out, n_in), top ``rank``: B (n_out, r), A (r, n_in), relative Fro error."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
     s64 = s.double() ** 2
@@ -323,7 +323,7 @@ def merge_adapters(
         del deltas
         full = sum(mod.rank for wi, mod in present if wi != 0.0)
         r = min(full if rank is None else rank, n_out, n_in)
-        B, A, errs[name] = _refactor(delta, r)
+        B, A, errs[name] = refactor(delta, r)
         out[name] = LoraModule(A.contiguous(), B.contiguous(), 1.0, ref.weight_shape, ref.transposed, ref.kind)
     log.info("merge %s %s over %d modules: max rel. Fro error %.3g", method, eff, len(out), max(errs.values(), default=0))
     return LoraAdapter(dict(out), next(iter(bases)) if len(bases) == 1 else None, shared_metadata(adapters)), errs
