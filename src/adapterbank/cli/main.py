@@ -345,6 +345,11 @@ def compose_cmd(
                                          "inputs; kohya/diffusers inputs give diffusers, PEFT inputs peft)."),
     merge_into: Optional[Path] = typer.Option(None, help="Also write full merged weights of this base model folder."),
     lambda_path: bool = typer.Option(False, help="Store the whole λ-path of the sparse solution in the recipe."),
+    merge: str = typer.Option("linear", "--merge", help="How the weighted ΔW_i are combined per module: linear "
+                              "(Eq. 6, exact), ties, dare_linear, dare_ties or magnitude_prune (re-factored by SVD "
+                              "at rank Σ r_i or --rank; error printed)."),
+    merge_param: Optional[list[str]] = typer.Option(None, "--merge-param", help="NAME=VALUE for --merge, repeatable: "
+                                                    "density (0.5), majority_sign_method (total), seed (0)."),
     encoder: Optional[str] = typer.Option(None),
     column: Optional[str] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
@@ -363,12 +368,13 @@ def compose_cmd(
     _, by_strategy = strategy_params(strategy_plugin, param, [] if strategy == "auto" else [strategy],
                                      {strategy: legacy} if legacy else {})
     params = by_strategy.get(strategy, {})
+    merge_params = _merge_params(merge, merge_param)
     b = _open(bank)
     _local(merge_into, "--merge-into")
     p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=csv_list(tag) or None,
                    exclude=csv_list(exclude), ids=csv_list(ids) or None, rank=rank, max_rank=max_rank,
-                   lambda_path=lambda_path)
+                   lambda_path=lambda_path, merge=merge, merge_params=merge_params)
     path = comp.save(out, format=format, merge_into=merge_into, overwrite=overwrite)
     fmt = default_output_format(comp.source_formats, format)
     if json_:
@@ -381,11 +387,27 @@ def compose_cmd(
     if comp.truncation_error:
         errs = comp.truncation_error.values()
         what = f"max rank {max_rank}: {len(errs)} modules truncated" if max_rank is not None else f"rank {rank}"
+        if merge != "linear":
+            eff = ", ".join(f"{k_}={v}" for k_, v in comp.merge_params.items())
+            what = f"merge {merge} ({eff}), {len(errs)} modules re-factored at rank {rank or max_rank or 'Σ r_i'}"
         console.print(f"{what}: relative Frobenius error max {max(errs):.3e}, mean {sum(errs) / len(errs):.3e}")
     ri = comp.rank_info()
     console.print(f"rank needed to serve: {ri['needed_to_serve']} (largest module rank; vLLM --max-lora-rank "
                   f"{ri['vllm_max_lora_rank'] or '> 512, use --max-rank'})")
     console.print(f"Wrote {fmt} composite to [bold]{path}[/bold] (recipe in composition.json)")
+
+
+def _merge_params(merge: str, specs: Optional[list[str]]) -> dict[str, Any]:
+    """``--merge-param NAME=VALUE`` options as the method's effective parameters (checked against its row)."""
+    from adapterbank.compose.merge_methods import get_merge_method
+
+    given: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, value = spec.partition("=")
+        if not sep or not name.strip():
+            raise ParameterError(f"--merge-param must be NAME=VALUE (e.g. density=0.2). Got {spec!r} instead.")
+        given[name.strip()] = value.strip()
+    return get_merge_method(merge).resolve(given)
 
 
 app.command("evaluate")(evaluate_cmd)

@@ -21,6 +21,7 @@ import numpy as np
 from adapterbank._io import atomic_dir, atomic_write_bytes
 from adapterbank._validation import check_int, check_k
 from adapterbank._versions import versions
+from adapterbank.compose.merge_methods import get_merge_method, merge_adapters
 from adapterbank.compose.strategies import WeightResult, compute_weights, get_strategy
 from adapterbank.errors import FormatError, ParameterError, PrototypeSpaceError, UntunedBankWarning
 from adapterbank.formats import FORMATS
@@ -111,6 +112,8 @@ class Composition:
     path: tuple[np.ndarray, np.ndarray] | None = None
     source_formats: list[str] = field(default_factory=list)
     max_rank: int | None = None
+    merge: str = "linear"
+    merge_params: dict[str, Any] = field(default_factory=dict)
     auto: dict[str, Any] | None = None
 
     def weight_table(self) -> list[tuple[str, float, float]]:
@@ -135,6 +138,7 @@ class Composition:
             "params": self.params,
             "solver": {"status": self.status, "objective": self.objective},
             "weights": {i: float(w) for i, w in zip(self.ids, self.weights, strict=True)},
+            "merge": {"method": self.merge, "params": self.merge_params},
             "rank": self.rank_info(),
             "truncation": trunc,
             "versions": versions(),
@@ -206,6 +210,8 @@ def compose(
     rank: int | None = None,
     max_rank: int | None = None,
     lambda_path: bool = False,
+    merge: str = "linear",
+    merge_params: dict[str, Any] | None = None,
 ) -> Composition:
     """Compose one adapter for ``target`` from the bank (Eq. 2–6).
 
@@ -224,6 +230,11 @@ def compose(
     :class:`~adapterbank.errors.UntunedBankWarning`. Only the target's prototype is used either way. The recipe's
     ``"auto"`` entry says what ``auto`` resolved to and whence.
 
+    ``merge`` decides how the weighted ΔW_i are combined per module (``linear``: Eq. 6 exactly; ``ties``,
+    ``dare_linear``, ``dare_ties``, ``magnitude_prune`` with ``merge_params`` such as ``{"density": 0.2}``:
+    :mod:`adapterbank.compose.merge_methods`). Those are streamed module by module and re-factored by an exact
+    SVD at rank min(Σ r_i, n_out, n_in), or ``rank``/``max_rank``; every module's error is reported.
+
     Example (a bank with prototypes in the space of ``target``)::
 
         comp = compose(bank, target, k=5, strategy="sparse")
@@ -234,6 +245,7 @@ def compose(
         strategy, params, k, auto = _resolve_auto(bank, params, k)
     get_strategy(strategy)  # an unknown name fails before any file is read
     k = DEFAULT_K if k is None else k
+    merge_eff = get_merge_method(merge).resolve(merge_params)
     if not isinstance(target, Prototype):
         raise TypeError(f"compose() needs a Prototype as target. Got {type(target).__name__} instead.")
     k = check_k(k, "compose")
@@ -268,11 +280,14 @@ def compose(
         path = sparse_path(P.astype(np.float64), t)
     log.info("strategy %s over %s: weights %s (params %s)", strategy, hit_ids, res.weights, res.params)
     adapters = [bank.load_adapter(i) for i in hit_ids]
-    merged = combine(adapters, res.weights.tolist())
     errs = None
-    if rank is not None:
+    if merge != "linear":
+        merged, errs = merge_adapters(adapters, res.weights.tolist(), merge, merge_eff, rank=rank or max_rank)
+    else:
+        merged = combine(adapters, res.weights.tolist())
+    if rank is not None and merge == "linear":
         merged, errs = truncate(merged, rank)
-    if max_rank is not None:
+    if max_rank is not None and merge == "linear":
         above = [name for name, r in merged.ranks.items() if r > max_rank]
         merged, all_errs = truncate(merged, max_rank)
         errs = {name: all_errs[name] for name in above}
@@ -288,6 +303,7 @@ def compose(
                  "ids": list(ids) if ids is not None else None},
         rank=rank if max_rank is None else max_rank, truncation_error=errs, path=path,
         source_formats=[str(a.metadata.get("format")) for a in adapters], max_rank=max_rank, auto=auto,
+        merge=merge, merge_params=merge_eff,
     )
 
 
