@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                                      {"density": args.density}))
         row: dict[str, Any] = {"ours_s": secs, "ours_peak_above_start_mb": peak - before,
                                "ours_max_trunc_error": max(errs.values()), "peft": {}}
+        print(f"{method}: ours {secs:.1f} s over {n_mats} matrices, peak +{peak - before:.0f} MB", flush=True)
         peft_total = 0.0
         for proj in args.peft_shapes.split(","):
             mods = [a.modules[module_name(0, proj)] for a in adapters]
@@ -106,7 +107,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lambda: peft_dense_path(mods, w_peft, method, args.density, new_rank))  # noqa: B023
             want = B.double() @ A.double()
             got = ours_one(mods, w_ours, method, args.density, new_rank).double()
-            count = args.layers * (2 if proj in ("q_proj", "k_proj", "gate_proj") else 1)  # o=q, v=k, up=gate
+            shapes = args.peft_shapes.split(",")
+            # o=q, v=k, up=gate; down is gate transposed: gate stands in for it when down is not measured
+            count = args.layers * (2 if proj in ("q_proj", "k_proj") else 1)
+            if proj == "gate_proj":
+                count = args.layers * (2 if "down_proj" in shapes else 3)
             peft_total += p_s * count
             row["peft"][proj] = {"s": p_s, "peak_above_start_mb": p_peak - p_before, "count": count,
                                  "rel_diff_to_ours": rel_err_dense(want, got)}
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{max(v['rel_diff_to_ours'] for v in row['peft'].values()):.2e}")
         for proj, v in row["peft"].items():
             print(f"  PEFT {proj} {SHAPES[proj][1]}: {v['s']:.2f} s, peak +{v['peak_above_start_mb']:.0f} MB, "
-                  f"×{v['count']}, rel. diff {v['rel_diff_to_ours']:.2e}")
+                  f"×{v['count']}, rel. diff {v['rel_diff_to_ours']:.2e}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     return result
