@@ -28,6 +28,8 @@ only used to report how well its LoRA trained.
     python bench/loo_segmentation.py --size small -o bench/results/loo_segmentation_small
     python bench/loo_segmentation.py --size full  -o bench/results/loo_segmentation_full \\
         --figures bench/figures/loo_segmentation
+    python bench/loo_segmentation.py --size full --selection-only -o bench/results/loo_segmentation_full
+        # issue 11: tune grid, auto (nested leave-one-out), λ fractions, merge methods (bench/_selection.py)
 """
 
 from __future__ import annotations

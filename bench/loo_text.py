@@ -17,6 +17,7 @@ from 64 to 32 texts to speed up ``adapterbank demo`` (mean MRR@10 of Sparse move
 
     python bench/loo_text.py --size small --make-demo-data   # -> bench/results/loo_text_small/, demo_data/
     python bench/loo_text.py --size full --figures bench/figures/loo_text   # -> bench/results/loo_text_full/
+    python bench/loo_text.py --size full --selection-only   # issue 11: tune grid, auto, λ fractions, merges
 
 Measured on the project's 2-core machine while other heavy jobs ran (1 torch thread): small 6.4–11 min
 wall (~4 CPU-min), full 22.5 min wall (~8.5 CPU-min; training 17 min, evaluation 5 min). ``--make-demo-data``
@@ -412,14 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also run the composition-selection stage (issue 11: tune grid, auto, λ fractions, merges)")
     ap.add_argument("--selection-only", action="store_true",
                     help="train or reuse the bank, then run only the composition-selection stage")
-    ap.add_argument("--domains", default=None, help=argparse.SUPPRESS)  # tests: a comma-separated subset
     args = ap.parse_args(argv)
     quiet_logging("sentence_transformers")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]
-    if args.domains:
-        cfg = {**cfg, "domains": tuple(args.domains.split(","))}
     out: Path = args.out or Path(__file__).resolve().parent / "results" / f"loo_text_{args.size}"
     out.mkdir(parents=True, exist_ok=True)
     cli_args = list(argv) if argv is not None else sys.argv[1:]
