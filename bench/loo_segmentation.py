@@ -28,6 +28,8 @@ only used to report how well its LoRA trained.
     python bench/loo_segmentation.py --size small -o bench/results/loo_segmentation_small
     python bench/loo_segmentation.py --size full  -o bench/results/loo_segmentation_full \\
         --figures bench/figures/loo_segmentation
+    python bench/loo_segmentation.py --size full --selection-only -o bench/results/loo_segmentation_full
+        # issue 11: tune grid, auto (nested leave-one-out), λ fractions, merge methods (bench/_selection.py)
 """
 
 from __future__ import annotations
@@ -161,6 +163,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": {"sites": ("gamma-dark", "rician-0.10", "rician-0.30", "blur-1.2", "lowres-10", "bias-field"),
               "n_pre": 4000, "pre_steps": 400, "n_train": 500, "n_val": 100, "n_test": 200, "lora_steps": 100,
               "k": 4, "sweep_k": [1, 3, 5], "sweep_lam": [0.01, 1.0], "n_clean_test": 500},
+    # tests only (tests/bench/test_selection_smoke.py): seconds; "sel_k" replaces the selection grid's k ∈ {3, 5}
+    "tiny": {"sites": ("gamma-dark", "rician-0.10", "blur-1.2", "lowres-10"), "n_pre": 256, "pre_steps": 10,
+             "n_train": 64, "n_val": 16, "n_test": 32, "lora_steps": 4, "k": 3, "sweep_k": [1, 2],
+             "sweep_lam": [1.0], "n_clean_test": 32, "sel_k": [2, 3]},
     "full": {"sites": tuple(SITES), "n_pre": 12000, "pre_steps": 2000, "n_train": 2000, "n_val": 200,
              "n_test": 1000, "lora_steps": 500, "k": 5, "sweep_k": [1, 2, 3, 4, 5, 6, 7, 8],
              "sweep_lam": [0.001, 0.01, 0.1, 1.0, 10.0], "n_clean_test": 1000},
@@ -387,8 +393,9 @@ class DiceEvaluator:
     """``(adapter | None, task) -> {"dice"}``: ΔW merged into a copy of the base (Eq. 6 applied, exact), then the
     mean per-image Dice of the predicted foreground on the task's test images."""
 
-    def __init__(self, base: ViTSegmenter, cache_key: str) -> None:
-        self.cache_key = cache_key
+    def __init__(self, base: ViTSegmenter, cache_key: str, per_item: bool = False) -> None:
+        self.per_item = per_item  # also return each image's Dice (paired intervals over images)
+        self.cache_key = cache_key + (":per_item" if per_item else "")
         self.base_sd = {k: v.clone() for k, v in base.state_dict().items()}
         self.work = copy.deepcopy(base).eval()
 
@@ -400,7 +407,11 @@ class DiceEvaluator:
 
     def __call__(self, adapter: Any, task: Split) -> dict[str, float]:
         pred = predict(self.model(adapter), task.x)
-        return {"dice": float(dice_per_image(pred, task.y).mean())}
+        d = dice_per_image(pred, task.y)
+        out: dict[str, Any] = {"dice": float(d.mean())}
+        if self.per_item:
+            out["per_item"] = {"dice": d.tolist()}
+        return out
 
 
 # ----- extra report parts (seed appendix: Tables 8-9, Figure 3) -------------------------------------
@@ -563,6 +574,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("-o", "--out", type=Path, default=None, help="output folder (default bench/results/loo_segmentation_SIZE)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2-core machine)")
     ap.add_argument("--retrain", action="store_true", help="train the base and the LoRAs again even if they exist")
+    ap.add_argument("--selection", action="store_true",
+                    help="also run the composition-selection stage (issue 11: tune grid, auto, λ fractions, merges)")
+    ap.add_argument("--selection-only", action="store_true",
+                    help="train or reuse the bank, then run only the composition-selection stage")
     ap.add_argument("--figures", type=Path, default=None,
                     help="also copy results.md and the PNGs to this folder (e.g. bench/figures/loo_segmentation)")
     return ap.parse_args(argv)
@@ -695,6 +710,23 @@ def stage_leave_one_out(bank: Any, evaluator: DiceEvaluator, tasks: dict[str, Sp
                    sweep_lam=cfg["sweep_lam"], cache_dir=out / "cache", progress=sys.stderr.isatty(),
                    space=enc.space)
     return res, time.perf_counter() - t0
+
+
+def stage_selection(bank: Any, trained: Trained, tasks: dict[str, Split], enc: Any, cfg: dict[str, Any], out: Path,
+                    args: argparse.Namespace, digest: str) -> Path:
+    """7. Composition selection (issue 11): the tune grid, auto (nested leave-one-out), the λ-fraction sweep and the
+    merge methods over the same bank and tasks; per-image Dice for paired intervals. -> selection.md's path."""
+    from _selection import run_selection, write_selection
+
+    evaluator = DiceEvaluator(trained.base, f"loo_segmentation.DiceEvaluator:v1:{trained.fp}:{digest[:16]}",
+                              per_item=True)
+    t0 = time.perf_counter()
+    sel = run_selection(bank, evaluator, tasks, main_k=cfg["k"], cache_dir=out / "cache", space=enc.space,
+                        k_values=cfg.get("sel_k"))
+    sel.seconds["total"] = round(time.perf_counter() - t0, 1)
+    md = write_selection(sel, out / "selection", f"Benchmark B ({args.size}): composition selection")
+    log.info("selection table in %s (%.0f s)", md, sel.seconds["total"])
+    return md
 
 
 def validation_prototypes(enc: Any, sites: dict[str, dict[str, Split]]) -> dict[str, Any]:
@@ -965,6 +997,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     enc2 = stage_ablation_space(bank, trained, sites)  # 3
     evaluator = DiceEvaluator(trained.base, f"loo_segmentation.DiceEvaluator:v1:{trained.fp}:{digest[:16]}")
     tasks = {name: d["test"] for name, d in sites.items()}
+    if args.selection_only:  # 7 only
+        stage_selection(bank, trained, tasks, enc, cfg, out, args, digest)
+        bank.close()
+        log.info("done in %.0f s", time.perf_counter() - t_all)
+        return 0
     res, t_eval = stage_leave_one_out(bank, evaluator, tasks, enc, cfg, out)
     ablations, t_abl = stage_ablations(bank, evaluator, tasks, sites, enc, enc2, cfg, out)
     app = stage_appendix(bank, evaluator, res, tasks, clean, enc, cfg)  # 4
@@ -973,6 +1010,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     stage_extra_sections(res, ablations, trained, app, sites, clean, enc, enc2, cfg, out, t_eval, t_abl)
     if args.figures is not None:  # 6
         stage_copy_figures(out, args.figures, list(ablations))
+    if args.selection:  # 7
+        bank = Bank.open(out / "bank")
+        stage_selection(bank, trained, tasks, enc, cfg, out, args, digest)
+        bank.close()
     log_summary(res, out, t_all)
     return 0
 

@@ -17,6 +17,7 @@ from 64 to 32 texts to speed up ``adapterbank demo`` (mean MRR@10 of Sparse move
 
     python bench/loo_text.py --size small --make-demo-data   # -> bench/results/loo_text_small/, demo_data/
     python bench/loo_text.py --size full --figures bench/figures/loo_text   # -> bench/results/loo_text_full/
+    python bench/loo_text.py --size full --selection-only   # issue 11: tune grid, auto, λ fractions, merges
 
 Measured on the project's 2-core machine while other heavy jobs ran (1 torch thread): small 6.4–11 min
 wall (~4 CPU-min), full 22.5 min wall (~8.5 CPU-min; training 17 min, evaluation 5 min). ``--make-demo-data``
@@ -377,6 +378,28 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported b
 from _machine import machine, quiet_logging  # noqa: E402
 
 
+def stage_selection(bank_dir: Path, tasks: dict[str, dict[str, list[str]]], cfg: dict[str, Any], out: Path,
+                    size: str) -> Path:
+    """Composition selection (issue 11): the tune grid, auto (nested leave-one-out), the λ-fraction sweep and the
+    merge methods over the same bank and tasks, with per-query scores for paired intervals. -> selection.md."""
+    from adapterbank.bank import Bank
+    from adapterbank.demo import MiniLMRetrieval
+
+    from _selection import run_selection, write_selection
+
+    scorer = MiniLMRetrieval(q_len=cfg["q_len"], d_len=cfg["d_len"], split=SPLIT, per_item=True)
+    t0 = time.perf_counter()
+    bank = Bank.open(bank_dir)
+    try:
+        sel = run_selection(bank, scorer, tasks, main_k=cfg["k"], cache_dir=out / "cache", metric="mrr@10")
+    finally:
+        bank.close()
+    sel.seconds["total"] = round(time.perf_counter() - t0, 1)
+    md = write_selection(sel, out / "selection", f"Benchmark A ({size}): composition selection")
+    log.info("selection table in %s (%.0f s)", md, sel.seconds["total"])
+    return md
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
@@ -386,6 +409,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--make-demo-data", nargs="?", const=DEMO_DIR, type=Path, default=None, metavar="DIR",
                     help=f"also write the adapters and splits for 'adapterbank demo' (default {DEMO_DIR})")
     ap.add_argument("--figures", type=Path, default=None, help="copy results.md and the PNGs into this folder")
+    ap.add_argument("--selection", action="store_true",
+                    help="also run the composition-selection stage (issue 11: tune grid, auto, λ fractions, merges)")
+    ap.add_argument("--selection-only", action="store_true",
+                    help="train or reuse the bank, then run only the composition-selection stage")
     args = ap.parse_args(argv)
     quiet_logging("sentence_transformers")
     warnings.filterwarnings("ignore")
@@ -456,9 +483,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.make_demo_data is not None:
         write_demo_data(args.make_demo_data, data, out / "adapters", cfg, digest, train_info, command)
 
+    tasks = {dom: {"queries": [i.query for i in te], "docs": [i.doc for i in te]} for dom, (_tr, te) in data.items()}
+    if args.selection_only:
+        stage_selection(bank_dir, tasks, cfg, out, args.size)
+        log.info("done in %.0f s", time.perf_counter() - t_all)
+        return 0
+
     # 3. leave-one-out evaluation
     t0 = time.perf_counter()
-    tasks = {dom: {"queries": [i.query for i in te], "docs": [i.doc for i in te]} for dom, (_tr, te) in data.items()}
     bank = Bank.open(bank_dir)
     res = evaluate(bank, scorer, strategies="all", k=cfg["k"], tasks=tasks, sweep_k=cfg["sweep_k"],
                    sweep_lam=cfg["sweep_lam"], cache_dir=out / "cache", progress=sys.stderr.isatty())
@@ -494,6 +526,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for png in sorted((report / "plots").glob("*.png")):  # results.md links plots/NAME.png
             shutil.copy2(png, args.figures / "plots" / png.name)
         log.info("copied results.md and the PNGs to %s", args.figures)
+    if args.selection:
+        stage_selection(bank_dir, tasks, cfg, out, args.size)
     log.info("report in %s (train %.0f s, evaluate %.0f s, %.0f s in all)", report, t_train, t_eval,
              time.perf_counter() - t_all)
     return 0
