@@ -281,17 +281,17 @@ def compose(
     log.info("strategy %s over %s: weights %s (params %s)", strategy, hit_ids, res.weights, res.params)
     adapters = [bank.load_adapter(i) for i in hit_ids]
     errs = None
-    if merge != "linear":
+    if merge != "linear":  # dense per module, then re-factored: the rank cap applies to every module
         merged, errs = merge_adapters(adapters, res.weights.tolist(), merge, merge_eff, rank=rank or max_rank)
     else:
         merged = combine(adapters, res.weights.tolist())
-    if rank is not None and merge == "linear":
-        merged, errs = truncate(merged, rank)
-    if max_rank is not None and merge == "linear":
-        above = [name for name, r in merged.ranks.items() if r > max_rank]
-        merged, all_errs = truncate(merged, max_rank)
-        errs = {name: all_errs[name] for name in above}
-        log.info("max_rank %d: truncated %d modules above it", max_rank, len(above))
+        if rank is not None:
+            merged, errs = truncate(merged, rank)
+        elif max_rank is not None:  # rank and max_rank exclude each other (checked above)
+            above = [name for name, r in merged.ranks.items() if r > max_rank]
+            merged, all_errs = truncate(merged, max_rank)
+            errs = {name: all_errs[name] for name in above}
+            log.info("max_rank %d: truncated %d modules above it", max_rank, len(above))
     merged.metadata["format"] = "composite"
     return Composition(
         adapter=merged, ids=hit_ids, distances=dists, weights=np.asarray(res.weights, dtype=np.float64),
