@@ -79,8 +79,9 @@ def _bank_encoder(bank_dir: Path | None) -> tuple[str | None, int | None]:
         raise typer.BadParameter(f"The bank has prototypes from several encoders {specs}; pass --encoder.")
     if not specs:
         return None, None
-    lengths = sorted({int(m.group(1)) if (m := re.search(r"\|max(\d+)$", key)) else None for key in data},
-                     key=lambda n: -1 if n is None else n)
+    from adapterbank.prototypes.space import PrototypeSpace
+
+    lengths = sorted({PrototypeSpace.max_length_of_key(key) for key in data}, key=lambda n: -1 if n is None else n)
     if len(lengths) > 1:
         shown = ", ".join("the default" if n is None else str(n) for n in lengths)
         raise typer.BadParameter(f"The bank has prototypes made with several --max-length values ({shown}); "

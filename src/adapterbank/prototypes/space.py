@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,16 @@ class PrototypeSpace:
         if self.max_length not in (None, DEFAULT_MAX_LENGTH):
             key += f"|max{self.max_length}"
         return key
+
+    @staticmethod
+    def max_length_of_key(key: str) -> int | None:
+        """The ``max_length`` a :attr:`key` records, or ``None`` when it is the default (no ``|maxN`` part).
+
+        >>> PrototypeSpace.max_length_of_key("enc@r|mean|l2|384|max512"), PrototypeSpace.max_length_of_key("enc@r|mean|l2|384")
+        (512, None)
+        """
+        m = re.search(r"\|max(\d+)$", key)
+        return int(m.group(1)) if m else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
