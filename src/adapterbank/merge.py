@@ -451,7 +451,6 @@ def _merge_pipeline(base: Path, adapter: LoraAdapter, out: Path, *, key: Callabl
                 f"({', '.join(comps)}); module paths of a pipeline adapter start with its component (unet., ...)."
             )
         by_comp.setdefault(comp, {})[name] = m
-    check_output(out, overwrite=overwrite)
     report: dict[str, Any] = {"base": str(base), "out_dir": str(out), "components": {}, "copied": [],
                               "modules_merged": 0, "keys": {}, "delta_max_abs": {}, "delta_fro": {}}
     with atomic_dir(out, overwrite=overwrite, what="the merged pipeline") as staging:
