@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from adapterbank.errors import FormatError, ShapeMismatchError, UnsupportedAdapterError
+from adapterbank.errors import AdapterbankWarning, FormatError, ShapeMismatchError, UnsupportedAdapterError
 from adapterbank.formats import _lora_config as lc
 from adapterbank.formats.safetensors_io import load_file, save_file
 from adapterbank.lora import LoraAdapter, LoraModule
@@ -47,7 +47,7 @@ __all__ = ["COMPONENTS", "SEGMENTS", "KohyaTextEncoderWarning", "read_kohya", "w
            "is_kohya_key"]
 
 
-class KohyaTextEncoderWarning(UserWarning):
+class KohyaTextEncoderWarning(AdapterbankWarning):
     """A kohya file holds text-encoder LoRAs, which diffusers' own kohya loader mishandles.
 
     diffusers' kohya converter renames CLIP attention keys to its legacy ``to_q_lora`` spelling and keys
