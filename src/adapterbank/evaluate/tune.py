@@ -34,7 +34,6 @@ import datetime as _dt
 import itertools
 import json
 import logging
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from adapterbank.errors import FormatError, LambdaAtHullWarning, ParameterError,
 from adapterbank.evaluate.bootstrap import Interval, stratified_paired_bootstrap
 from adapterbank.evaluate.evaluator import Evaluator, evaluator_id, load_evaluator
 from adapterbank.evaluate.harness import evaluate
-from adapterbank.evaluate.results import N_BOOT, EvalRecord, EvalResults
+from adapterbank.evaluate.results import N_BOOT, EvalRecord, EvalResults, best_methods
 
 if TYPE_CHECKING:
     from adapterbank.bank import Bank
@@ -77,7 +76,6 @@ DEFAULT_GRID: dict[str, dict[str, list[float]]] = {
 DEFAULT_K_VALUES: tuple[int, ...] = (3, 5)
 #: The method name of the nested leave-one-out choice in the merged results' table.
 NESTED = "auto_nested"
-_TOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -153,12 +151,8 @@ def best_setting(means: Mapping[str, float], order: Sequence[str], lower_is_bett
     >>> best_setting({"a": 0.5, "b": 0.7, "c": 0.7}, ["a", "b", "c"]), best_setting({"a": 1.0}, ["a"], True)
     ('b', 'a')
     """
-    vals = [(m, means[m]) for m in order if m in means and math.isfinite(means[m])]
-    if not vals:
-        return None
-    best = (min if lower_is_better else max)(v for _, v in vals)
-    tol = _TOL * max(1.0, abs(best))
-    return next(m for m, v in vals if abs(v - best) <= tol)
+    best = best_methods(means, order, lower_is_better)
+    return next((m for m in order if m in best), None)
 
 
 def nested_loo(scores: Mapping[str, Mapping[str, float]], order: Sequence[str], targets: Sequence[str],
@@ -323,8 +317,8 @@ def tune(
     """
     ev: Evaluator = load_evaluator(evaluator) if isinstance(evaluator, str) else evaluator
     ev_name = evaluator if isinstance(evaluator, str) and getattr(ev, "cache_key", None) is None else evaluator_id(ev)
-    settings = expand_grid(grid, k_values)
     plain_grid = normalize_grid(grid)
+    settings = expand_grid(plain_grid, k_values)
     records: list[EvalRecord] = []
     tgt: list[str] = []
     config: dict[str, Any] = {}
@@ -346,8 +340,9 @@ def tune(
         for r in res.records:
             if r.sweep is None:
                 records.append(r if r.is_baseline else EvalRecord.from_dict({**r.to_dict(), "method": st.label}))
-        meta["evaluator_calls"] = meta.get("evaluator_calls", 0) + (res.meta.get("evaluator_calls", 0) if i else 0)
-        meta["cache_hits"] = meta.get("cache_hits", 0) + (res.meta.get("cache_hits", 0) if i else 0)
+        if i:  # the first run's counts came with its meta
+            for count in ("evaluator_calls", "cache_hits"):
+                meta[count] = meta.get(count, 0) + res.meta.get(count, 0)
     if n_hull:
         warnings.warn(f"sparse: λ ≥ λ_max in {n_hull} of the grid's settings on some target: there the weights are the "
                       "convex-hull projection (no negative weight), so larger λ_rel values tie.",
@@ -363,7 +358,8 @@ def tune(
     table = merged.table(metric)
     order = [s.label for s in settings]
     scores = {m: {t: table[t][m] for t in tgt if m in table[t]} for m in order}
-    means = {m: sum(v.values()) / len(v) for m, v in scores.items() if len(v) == len(tgt)}
+    all_means = merged.means(metric)  # scored on every target only
+    means = {m: all_means[m] for m in order if m in all_means}
     best_label = best_setting(means, order, lower_is_better)
     if best_label is None:
         raise UnknownNameError(f"tune: no setting was scored on every target for metric {metric!r}.")
@@ -378,7 +374,7 @@ def tune(
             rec = merged.main(t, choice[t])
             if rec is not None:
                 merged.records.append(EvalRecord.from_dict({**rec.to_dict(), "method": NESTED}))
-    baselines = {b: v for b, v in merged.means(metric).items() if b in ("pretrained", "sft")}
+    baselines = {b: v for b, v in all_means.items() if b in ("pretrained", "sft")}
     intervals: dict[str, Interval] = {}
     units: dict[str, str] = {}
     pairs = {"best_vs_runner_up": (best_label, ru_label), "best_vs_pretrained": (best_label, "pretrained"),
