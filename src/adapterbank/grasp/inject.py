@@ -186,11 +186,13 @@ class GraspFFN(nn.Module):
             return y
         if cd not in (-1, x.ndim - 1):
             d = d.movedim(-1, cd)
-        # The sum keeps the base output's memory layout: d is first copied into y's strides (empty_like
-        # preserves them; copy_ keeps the autograd graph). With a permuted d, y + d could come out
-        # channels-last and the layers after us would sum in another order — not bit-exact at U = 0 (seen
-        # with Sana's channel-first FFN, diffusers 0.42).
-        return y + torch.empty_like(y).copy_(d)
+        # The sum keeps the base output's memory layout: a d of another layout or dtype is first copied into
+        # y's strides (empty_like preserves them; copy_ keeps the autograd graph). With a permuted d, y + d
+        # could come out channels-last and the layers after us would sum in another order — not bit-exact at
+        # U = 0 (seen with Sana's channel-first FFN, diffusers 0.42). Same layout and dtype: no copy needed.
+        if d.dtype != y.dtype or d.stride() != y.stride():
+            d = torch.empty_like(y).copy_(d)
+        return y + d
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
