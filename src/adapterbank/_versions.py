@@ -4,7 +4,6 @@ GRASP checkpoints, evaluation results). One function, so every artifact records 
 from __future__ import annotations
 
 import platform
-from importlib.metadata import PackageNotFoundError, version
 
 __all__ = ["versions"]
 
@@ -21,6 +20,8 @@ def versions() -> dict[str, str]:
     >>> {"adapterbank", "python", "torch", "numpy", "safetensors"} <= set(v)
     True
     """
+    from importlib.metadata import PackageNotFoundError, version  # here: `adapterbank --help` need not load it
+
     import adapterbank
 
     out = {"adapterbank": adapterbank.__version__, "python": platform.python_version()}
