@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PARAM_HELP", "PLUGIN_HELP", "csv_list", "strategy_params"]
+__all__ = ["PARAM_HELP", "PLUGIN_HELP", "csv_list", "load_plugins", "strategy_params"]
 
 
 def csv_list(s: str | None) -> list[str]:
@@ -20,16 +20,22 @@ PLUGIN_HELP = ("module:function (or file.py:function) called before anything els
                "your own strategy (repeatable).")
 
 
+def load_plugins(plugins: list[str] | None) -> None:
+    """Call each ``--strategy-plugin`` hook (``module:function`` or ``file.py:function``), in order."""
+    from adapterbank.evaluate.evaluator import load_callable
+
+    for spec in plugins or []:
+        load_callable(spec, "strategy plugin")()
+
+
 def strategy_params(plugins: list[str] | None, specs: list[str] | None, strategies: list[str] | str,
                     legacy: dict[str, dict[str, float]]) -> tuple[list[str], dict[str, dict[str, float]]]:
     """Run the --strategy-plugin hooks, then ({strategies}, {strategy: {param: value}}) from --param and the
     older per-parameter flags (``legacy``); a parameter given both ways is refused."""
     from adapterbank.compose.strategies import STRATEGIES, parse_param_specs
     from adapterbank.errors import ParameterError
-    from adapterbank.evaluate.evaluator import load_callable
 
-    for spec in plugins or []:
-        load_callable(spec, "strategy plugin")()
+    load_plugins(plugins)
     names = list(STRATEGIES) if strategies == "all" else list(strategies)
     params = parse_param_specs(specs or [], names)
     for strat, vals in legacy.items():

@@ -428,7 +428,6 @@ def demo(
 ) -> None:
     """Leave-one-out composition of six real trained LoRAs (all-MiniLM-L6-v2, docstring search); offline, 1-2 min."""
     import time
-    import warnings
 
     import torch
     from transformers.utils import logging as hf_logging

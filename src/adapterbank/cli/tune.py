@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from adapterbank.cli.common import PLUGIN_HELP, csv_list
+from adapterbank.cli.common import PLUGIN_HELP, csv_list, load_plugins
 from adapterbank.cli.render import console, json_option, print_json
 
 __all__ = ["build_grid", "tune_cmd"]
@@ -68,12 +68,10 @@ def tune_cmd(
     """Choose the composition setting by leave-one-out over the bank's tasks; `compose --strategy auto` uses it."""
     from adapterbank.bank import Bank
     from adapterbank.cli.evaluate import parse_floats, parse_ints
-    from adapterbank.evaluate.evaluator import load_callable
     from adapterbank.evaluate.report import write_report
     from adapterbank.evaluate.tune import tune
 
-    for spec in strategy_plugin or []:
-        load_callable(spec, "strategy plugin")()
+    load_plugins(strategy_plugin)
     grid = build_grid(strategies, parse_floats(grid_lam_rel), parse_floats(grid_tau_rel), parse_floats(grid_lam_frac))
     cdir = cache if cache is not None else (report / ".cache" if report is not None else None)
     b = Bank.open(bank)
