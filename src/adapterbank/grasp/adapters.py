@@ -51,10 +51,6 @@ ACTIVATIONS: dict[str, Any] = {
 Plan = list[tuple[int, Any]]
 
 
-def _check_int(name: str, v: Any, who: str, low: int = 1) -> int:
-    return check_int(v, name, who, low=low)
-
-
 def make_plan(g: torch.Tensor) -> Plan:
     """Split a (B,) tensor of group ids into per-group rows; contiguous runs become slices.
 
@@ -112,7 +108,7 @@ class Router:
         if not (uncond in ("same", "off") or (isinstance(uncond, int) and -1 <= uncond < self.n_groups)):
             raise ParameterError(f"The 'uncond' parameter of route must be 'same', 'off' or a group id in "
                                  f"-1..{self.n_groups - 1}. Got {uncond!r} instead.")
-        _check_int("images_per_prompt", images_per_prompt, "route")
+        check_int(images_per_prompt, "images_per_prompt", "route", low=1)
         if isinstance(groups, int) and not isinstance(groups, bool):
             g: torch.Tensor | int = groups
             bad = [groups] if not -1 <= groups < self.n_groups else []
@@ -196,7 +192,7 @@ class GroupResidual(nn.Module):
                  scale: float = 1.0, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         for name, v in (("n_groups", n_groups), ("d_in", d_in), ("d_out", d_out), ("rank", rank)):
-            _check_int(name, v, "GroupResidual")
+            check_int(v, name, "GroupResidual", low=1)
         if activation not in ACTIVATIONS:
             raise UnknownNameError(f"Unknown activation {activation!r}. Valid: {', '.join(ACTIVATIONS)}.")
         self.n_groups, self.d_in, self.d_out, self.rank = n_groups, d_in, d_out, rank
@@ -244,7 +240,7 @@ class GroupLoraLinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise ParameterError(f"kind='lora' wraps nn.Linear layers only. Got {type(base).__name__} instead.")
-        _check_int("rank", rank, "GroupLoraLinear")
+        check_int(rank, "rank", "GroupLoraLinear", low=1)
         self.base, self.router = base, router
         self.n_groups, self.rank = n_groups, rank
         self.alpha = float(rank if alpha is None else alpha)

@@ -357,10 +357,6 @@ class GraspHandle:
                 f"sites={len(self.sites)}, params={self.n_params()})")
 
 
-def _check_pos_int(name: str, v: Any) -> int:
-    return check_int(v, name, "inject", low=1)
-
-
 def inject(
     model: nn.Module,
     n_groups: int,
@@ -399,8 +395,8 @@ def inject(
     """
     if kind not in KINDS:
         raise UnknownNameError(f"Unknown adapter kind {kind!r}. Valid kinds: {', '.join(KINDS)}.")
-    _check_pos_int("n_groups", n_groups)
-    _check_pos_int("rank", rank)
+    check_int(n_groups, "n_groups", "inject", low=1)
+    check_int(rank, "rank", "inject", low=1)
     if getattr(model, "_grasp_handle", None) is not None:
         raise ParameterError(f"{type(model).__name__} already has GRASP adapters; call handle.remove() first.")
     sites = find_ffn_sites(model, targets, include_context=include_context)
