@@ -130,23 +130,25 @@ def run_selection(bank: Any, evaluator: Any, tasks: Mapping[str, Any], *, main_k
     cache = ResultCache(Path(cache_dir) / "merge_methods")
     ev_id = evaluator_id(evaluator)
     n_calls = 0
-    merge_cols = []
     cards = {c.id: c for c in bank.list()}
-    for m in merges:
-        mp = get_merge_method(m).resolve(None)  # the method's default parameters
-        col = _merge_label(m, src.label)
-        merge_cols.append(col)
-        for t in targets:
-            p_t = bank.get_prototype(t, space)
-            comp = compose(bank, p_t, k=src.k, strategy=src.strategy, params=dict(src.params) or None, exclude=[t],
-                           merge=m, merge_params=mp)
+    methods = {m: get_merge_method(m).resolve(None) for m in merges}  # each method's default parameters
+    merge_cols = [_merge_label(m, src.label) for m in merges]
+    for t in targets:
+        p_t = bank.get_prototype(t, space)
+        # retrieval and weights do not depend on the merge method: one linear composition gives the cache key,
+        # and a method's (dense, SVD-refactored) composite is built only when its score is not cached
+        base = compose(bank, p_t, k=src.k, strategy=src.strategy, params=dict(src.params) or None, exclude=[t])
+        proto_key = cache_key({"v": np.asarray(p_t.vector, dtype=np.float64).round(10).tolist()})
+        for (m, mp), col in zip(methods.items(), merge_cols, strict=True):
             parts = {"schema": _MERGE_SCHEMA, "target": t, "merge": m, "merge_params": mp, "setting": src.label,
-                     "ids": list(comp.ids), "weights": [round(float(w), 12) for w in comp.weights],
-                     "adapters": [adapter_digest(cards[i]) for i in comp.ids], "evaluator": ev_id,
-                     "prototype": cache_key({"v": np.asarray(p_t.vector, dtype=np.float64).round(10).tolist()})}
+                     "ids": list(base.ids), "weights": [round(float(w), 12) for w in base.weights],
+                     "adapters": [adapter_digest(cards[i]) for i in base.ids], "evaluator": ev_id,
+                     "prototype": proto_key}
             key = cache_key(parts)
             rec = cache.lookup(key, parts)
             if rec is None:
+                comp = compose(bank, p_t, k=src.k, strategy=src.strategy, params=dict(src.params) or None,
+                               exclude=[t], merge=m, merge_params=mp)
                 t3 = time.perf_counter()
                 got, items = check_output(evaluator(comp.adapter, tasks[t]), f"target {t!r}, merge {m!r}")
                 n_calls += 1
@@ -156,6 +158,7 @@ def run_selection(bank: Any, evaluator: Any, tasks: Mapping[str, Any], *, main_k
                                  metrics=got, seconds=time.perf_counter() - t3, per_item=items)
                 cache.store(key, parts, rec)
             put(col, t, rec)
+    for m, col in zip(merges, merge_cols, strict=True):
         log.info("merge %s [%s]: mean %s %.4f", m, src.label, metric, float(np.mean([scores[col][t] for t in targets])))
     t_merge = time.perf_counter() - t2
     return Selection(metric, main_k, targets, [s.label for s in tr.settings], scores, per_item, src.label,
