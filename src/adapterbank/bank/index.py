@@ -21,7 +21,7 @@ result equals a brute-force float64 reference.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -30,12 +30,13 @@ import numpy as np
 from adapterbank._validation import MAX_K, check_k
 from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
 
-__all__ = ["Hit", "Index", "NumpyIndex", "WHERE_KEYS", "MAX_K"]
+__all__ = ["Hit", "Index", "NumpyIndex", "PackedIds", "WHERE_KEYS", "MAX_K"]
 
 WHERE_KEYS = ("base_model", "tags")
 _U32 = 2.0**-24  # unit roundoff of float32
 _SLACK = 8  # candidates beyond k re-ranked exactly; the rounding certificate widens the set when needed
 _GATHER_BELOW = 0.3  # a tag filter keeping fewer rows than this fraction gathers them instead of masking
+_CHUNK = 8192  # rows per chunk of the passes that would otherwise allocate a temporary as big as the matrix
 
 
 @dataclass(frozen=True, order=True)
@@ -123,14 +124,25 @@ class Index(Protocol):
 
 
 def _as_matrix(vectors: Any, n: int) -> np.ndarray:
+    """``vectors`` as a C-contiguous float32 (n, d) array: the same object (no copy) when it already is one,
+    read-only and memory-mapped arrays included."""
     X = np.asarray(vectors)
     if X.ndim != 2 or X.shape[0] != n:
         raise ShapeMismatchError(f"Index vectors must have shape ({n}, d) to match {n} ids. Got {X.shape} instead.")
-    X = np.ascontiguousarray(X, dtype=np.float32)
-    if not np.isfinite(X).all():
-        bad = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
-        raise NonFiniteError(f"Index vector at row {bad} contains NaN or Inf.")
-    return X
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def _row_norms(X: np.ndarray, first_row: int = 0) -> np.ndarray:
+    """(n,) float64 ‖x_i‖² in chunks (no float64 copy of the matrix); :class:`NonFiniteError` names the first
+    row holding NaN/Inf (a row is finite exactly when its float64 norm is: float32 squares cannot overflow it)."""
+    out = np.empty(len(X), dtype=np.float64)
+    for s in range(0, len(X), _CHUNK):
+        blk = X[s:s + _CHUNK]
+        out[s:s + len(blk)] = np.einsum("ij,ij->i", blk, blk, dtype=np.float64)
+    if len(out) and not np.isfinite(out).all():
+        bad = int(np.flatnonzero(~np.isfinite(out))[0])
+        raise NonFiniteError(f"Index vector at row {bad + first_row} contains NaN or Inf.")
+    return out
 
 
 def _norm_attrs(a: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,11 +150,57 @@ def _norm_attrs(a: Mapping[str, Any]) -> dict[str, Any]:
     tags = a.get("tags") or ()
     if isinstance(tags, str):
         tags = (tags,)
-    return {"base_model": None if bm is None else str(bm), "tags": tuple(str(t) for t in tags)}
+    return {"base_model": None if bm is None else str(bm), "tags": tuple(dict.fromkeys(str(t) for t in tags))}
+
+
+def _check_ids(ids: Sequence[str]) -> list[str]:
+    out = [str(i) for i in ids]
+    if len(set(out)) != len(out):
+        seen: set[str] = set()
+        dup = sorted({i for i in out if i in seen or seen.add(i)})[:5]  # type: ignore[func-returns-value]
+        raise ShapeMismatchError(f"Index ids must be unique. Got duplicates {dup}.")
+    return out
+
+
+class PackedIds(Sequence[str]):
+    """Row ids as one UTF-8 buffer and (n + 1,) offsets: what a persisted index maps instead of n Python strings.
+
+    >>> p = PackedIds.pack(["a", "bé", "c"])
+    >>> len(p), p[1], list(p)
+    (3, 'bé', ['a', 'bé', 'c'])
+    """
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob = blob  # (B,) uint8
+        self.offsets = offsets  # (n + 1,) int64
+
+    @classmethod
+    def pack(cls, ids: Sequence[str]) -> PackedIds:
+        enc = [i.encode("utf-8") for i in ids]
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum(np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc)), out=offsets[1:])
+        return cls(np.frombuffer(b"".join(enc), dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:  # type: ignore[override]
+        o = self.offsets
+        return self.blob[o[i]:o[i + 1]].tobytes().decode("utf-8")
+
+    def __iter__(self) -> Iterator[str]:
+        raw = self.blob.tobytes()
+        o = self.offsets.tolist()
+        return (raw[o[r]:o[r + 1]].decode("utf-8") for r in range(len(o) - 1))
 
 
 class NumpyIndex:
     """Exact squared-L2 k-NN in memory (float32 scoring, float64 re-ranking, certified by a rounding bound).
+
+    Storage: a *base* matrix taken as given (a read-only or memory-mapped float32 array is used in place,
+    never copied) plus a small *delta* buffer that :meth:`upsert` appends to; replaced and deleted rows are
+    tombstoned. :meth:`compact` (run on its own once delta + tombstones exceed a quarter of the base) folds
+    both into a new base grouped by base model. Every search stays exact over the live rows.
 
     >>> idx = NumpyIndex()
     >>> X = np.array([[0, 0], [1, 0], [0, 2], [1, 0]], dtype=np.float32)
@@ -151,18 +209,80 @@ class NumpyIndex:
     [Hit(id='b', distance=0.0), Hit(id='d', distance=0.0), Hit(id='a', distance=1.0)]
     >>> idx.search(np.array([1.0, 0.0]), k=3, where={"base_model": "m1"})
     [Hit(id='a', distance=1.0)]
+    >>> idx.upsert(["a"], np.array([[1.0, 0.1]], np.float32), [{"base_model": "m1"}]); idx.delete(["d"])
+    >>> idx.search(np.array([1.0, 0.0]), k=2)
+    [Hit(id='b', distance=0.0), Hit(id='a', distance=0.010000000298023226)]
     """
 
+    #: Compact once delta rows + tombstones exceed max(COMPACT_MIN, COMPACT_FRAC · base rows).
+    COMPACT_MIN = 4096
+    COMPACT_FRAC = 0.25
+
     def __init__(self) -> None:
-        self._ids: list[str] = []
-        self._X = np.zeros((0, 0), dtype=np.float32)  # (n, d), rows grouped by base model
-        self._sqn = np.zeros(0, dtype=np.float32)  # (n,) ‖x_i‖² (rounded from float64)
-        self._attrs: list[dict[str, Any]] = []
-        self._groups: dict[str | None, tuple[int, int, float]] = {}  # base model -> (start, stop, max ‖x‖)
-        self._tags: dict[str, np.ndarray] = {}  # tag -> (n,) bool
-        self._maxnorm = 0.0
         self._dim: int | None = None
-        self._pos: dict[str, int] = {}
+        self._set_base([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32), [], np.zeros(0, np.int32), {})
+
+    # -- storage -----------------------------------------------------------------------------------
+    def _set_base(self, ids: Sequence[str], X: np.ndarray, sqn: np.ndarray, bm_names: list[str | None],
+                  codes: np.ndarray, tags: dict[str, np.ndarray], maxnorm: list[float] | None = None,
+                  groups: dict[int, tuple[int, int]] | None = None) -> None:
+        """Install a base: ``X`` (n, d) float32 as is, ``sqn`` (n,) float32 ‖x‖², ``codes`` (n,) index into
+        ``bm_names``, ``tags`` tag -> sorted (m,) int64 rows; ``groups`` code -> contiguous (start, stop)."""
+        n = len(ids)
+        self._ids: Sequence[str] = ids
+        self._X = X  # (n, d)
+        self._sqn = sqn  # (n,) float32
+        self._codes = codes  # (n,) int32
+        self._bm_names = list(bm_names)
+        self._bm_code = {b: c for c, b in enumerate(self._bm_names)}
+        self._tags = tags
+        if maxnorm is None:
+            mx = np.zeros(len(bm_names))
+            if n:
+                np.maximum.at(mx, codes, sqn.astype(np.float64))
+            maxnorm = np.sqrt(mx * (1.0 + 1e-6)).tolist()  # ‖x‖ bound per base model (sqn is float32-rounded)
+        self._bm_maxnorm = list(maxnorm)
+        if groups is None:
+            groups = {}
+            if n:
+                order = np.argsort(codes, kind="stable")
+                bounds = np.searchsorted(codes[order], np.arange(len(bm_names) + 1))
+                for c in range(len(bm_names)):
+                    rows = order[bounds[c]:bounds[c + 1]]
+                    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+                        groups[c] = (int(rows[0]), int(rows[-1]) + 1)
+        self._groups = groups  # code -> (start, stop) when its base rows are contiguous
+        self._group_rows: dict[int, np.ndarray] = {}  # code -> sorted rows otherwise (filled on demand)
+        self._nb = n
+        self._bdead: np.ndarray | None = None  # (n,) bool tombstones, allocated on the first delete
+        d = int(X.shape[1]) if X.ndim == 2 else 0
+        self._D = np.zeros((0, d), np.float32)  # (cap, d) delta buffer, rows [0, _nd) used
+        self._dsqn = np.zeros(0, np.float32)
+        self._dcodes = np.zeros(0, np.int32)
+        self._ddead = np.zeros(0, bool)
+        self._dids: list[str] = []
+        self._dtags: dict[str, list[int]] = {}  # tag -> delta rows
+        self._nd = 0
+        self._ndead = 0
+        self._pos_cache: dict[str, int] | None = None
+        self._on_new_base()
+
+    def _on_new_base(self) -> None:
+        """Called whenever the base changes (subclasses rebuild what they derive from it)."""
+
+    @property
+    def _pos(self) -> dict[str, int]:
+        """id -> live global row (base rows first, then delta rows), built on first use."""
+        if self._pos_cache is None:
+            pos = {i: r for r, i in enumerate(self._ids)}
+            if self._bdead is not None:
+                for r in np.flatnonzero(self._bdead).tolist():
+                    del pos[self._ids[r]]
+            for j, i in enumerate(self._dids):
+                if not self._ddead[j]:
+                    pos[i] = self._nb + j
+            self._pos_cache = pos
+        return self._pos_cache
 
     # -- content -----------------------------------------------------------------------------------
     @property
@@ -170,28 +290,33 @@ class NumpyIndex:
         return self._dim
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._nb + self._nd - self._ndead
 
     def __contains__(self, id: object) -> bool:  # noqa: A002
         return id in self._pos
 
     @property
     def ids(self) -> list[str]:
-        """Row ids in storage order (grouped by base model, then by insertion)."""
-        return list(self._ids)
+        """Live row ids in storage order (base rows, then rows added since the last compaction)."""
+        dead = self._bdead
+        out = [i for r, i in enumerate(self._ids) if dead is None or not dead[r]]
+        return out + [i for j, i in enumerate(self._dids) if not self._ddead[j]]
+
+    @property
+    def n_pending(self) -> int:
+        """Delta rows plus tombstones: the work :meth:`compact` would fold into the base."""
+        return self._nd + self._ndead
 
     def vector(self, id: str) -> np.ndarray:  # noqa: A002
         """A copy of the stored vector of ``id``."""
         try:
-            return self._X[self._pos[id]].copy()
+            r = self._pos[id]
         except KeyError:
             raise UnknownNameError(f"No row with id {id!r} in the index ({len(self)} rows).") from None
+        return self._gather(np.array([r]))[0].astype(np.float32)
 
     def build(self, ids: Sequence[str], vectors: np.ndarray, attrs: Sequence[Mapping[str, Any]] | None = None) -> None:
-        ids = [str(i) for i in ids]
-        if len(set(ids)) != len(ids):
-            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-            raise ShapeMismatchError(f"Index ids must be unique. Got duplicates {dup}.")
+        ids = _check_ids(ids)
         if ids:
             X = _as_matrix(vectors, len(ids))
         else:
@@ -200,111 +325,230 @@ class NumpyIndex:
         at = [_norm_attrs(a) for a in attrs] if attrs is not None else [_norm_attrs({}) for _ in ids]
         if len(at) != len(ids):
             raise ShapeMismatchError(f"Index got {len(ids)} ids but {len(at)} attribute dicts.")
-        # Group rows by base model (stable: insertion order inside a group) so a base-model filter is a slice.
-        keys = [a["base_model"] for a in at]
-        order_of: dict[str | None, int] = {}
-        for b in keys:
-            order_of.setdefault(b, len(order_of))
-        perm = np.argsort(np.fromiter((order_of[b] for b in keys), dtype=np.int64, count=len(keys)), kind="stable")
-        if len(perm) and not np.array_equal(perm, np.arange(len(perm))):
-            X = X[perm]  # copies only when the input was not grouped already
-            ids = [ids[i] for i in perm]
-            at = [at[i] for i in perm]
-        self._ids, self._attrs, self._X = ids, at, X
-        self._dim = int(X.shape[1]) if X.shape[1] else None
-        self._pos = {i: r for r, i in enumerate(ids)}
-        sqn64 = np.einsum("ij,ij->i", X, X, dtype=np.float64) if len(ids) else np.zeros(0)
-        self._sqn = sqn64.astype(np.float32)
-        self._maxnorm = float(np.sqrt(sqn64.max())) if len(ids) else 0.0
-        self._groups = {}
-        start = 0
-        for b in order_of:
-            stop = start + keys.count(b)
-            self._groups[b] = (start, stop, float(np.sqrt(sqn64[start:stop].max())))
-            start = stop
-        tags: dict[str, np.ndarray] = {}
+        sqn64 = _row_norms(X)
+        names: dict[str | None, int] = {}
+        codes = np.fromiter((names.setdefault(a["base_model"], len(names)) for a in at), dtype=np.int32, count=len(at))
+        tag_rows: dict[str, list[int]] = {}
         for r, a in enumerate(at):
             for t in a["tags"]:
-                if t not in tags:
-                    tags[t] = np.zeros(len(ids), dtype=bool)
-                tags[t][r] = True
-        self._tags = tags
+                tag_rows.setdefault(t, []).append(r)
+        self._dim = int(X.shape[1]) if X.shape[1] else None
+        self._set_base(ids, X, sqn64.astype(np.float32), list(names), codes,
+                       {t: np.asarray(v, dtype=np.int64) for t, v in tag_rows.items()})
 
     def upsert(self, ids: Sequence[str], vectors: np.ndarray, attrs: Sequence[Mapping[str, Any]] | None = None) -> None:
-        ids = [str(i) for i in ids]
+        ids = _check_ids(ids)
         X = _as_matrix(vectors, len(ids))
-        at = list(attrs) if attrs is not None else [{} for _ in ids]
-        if self._dim is not None and len(self) and X.shape[1] != self._dim:
+        at = [_norm_attrs(a) for a in attrs] if attrs is not None else [_norm_attrs({}) for _ in ids]
+        if len(at) != len(ids):
+            raise ShapeMismatchError(f"Index got {len(ids)} ids but {len(at)} attribute dicts.")
+        if not ids:
+            return
+        if len(self) == 0:  # (re)start from scratch, the dim may change
+            self.build(ids, X.copy(), at)
+            return
+        if X.shape[1] != self._dim:
             raise ShapeMismatchError(f"Index holds vectors of dim {self._dim}; got vectors of dim {X.shape[1]}.")
-        new = set(ids)
-        keep = [r for r, i in enumerate(self._ids) if i not in new]
-        self.build(
-            [self._ids[r] for r in keep] + ids,
-            np.concatenate([self._X[keep], X]) if len(self) else X,
-            [self._attrs[r] for r in keep] + at,
-        )
+        sqn64 = _row_norms(X)
+        self._kill([i for i in ids if i in self._pos])
+        m, nd = len(ids), self._nd
+        if nd + m > len(self._D):  # grow the delta buffer geometrically
+            cap = max(64, 2 * len(self._D), nd + m)
+            self._D = _grow(self._D, cap, nd)
+            self._dsqn = _grow(self._dsqn, cap, nd)
+            self._dcodes = _grow(self._dcodes, cap, nd)
+            self._ddead = _grow(self._ddead, cap, nd)
+        self._D[nd:nd + m] = X
+        self._dsqn[nd:nd + m] = sqn64
+        self._ddead[nd:nd + m] = False
+        for j, a in enumerate(at):
+            b = a["base_model"]
+            if b not in self._bm_code:
+                self._bm_code[b] = len(self._bm_names)
+                self._bm_names.append(b)
+                self._bm_maxnorm.append(0.0)
+            c = self._bm_code[b]
+            self._dcodes[nd + j] = c
+            self._bm_maxnorm[c] = max(self._bm_maxnorm[c], math.sqrt(float(sqn64[j]) * (1.0 + 1e-6)))
+            for t in a["tags"]:
+                self._dtags.setdefault(t, []).append(nd + j)
+        self._dids.extend(ids)
+        self._nd = nd + m
+        pos = self._pos
+        for j, i in enumerate(ids):
+            pos[i] = self._nb + nd + j
+        self._maybe_compact()
 
     def delete(self, ids: Sequence[str]) -> None:
-        gone = set(ids)
-        keep = [r for r, i in enumerate(self._ids) if i not in gone]
-        if len(keep) != len(self._ids):
-            self.build([self._ids[r] for r in keep], self._X[keep], [self._attrs[r] for r in keep])
+        self._kill([str(i) for i in dict.fromkeys(ids) if i in self._pos])
+        self._maybe_compact()
+
+    def _kill(self, ids: list[str]) -> None:
+        """Tombstone the live rows of ``ids`` (all known)."""
+        if not ids:
+            return
+        pos = self._pos
+        for i in ids:
+            r = pos.pop(i)
+            if r < self._nb:
+                if self._bdead is None:
+                    self._bdead = np.zeros(self._nb, dtype=bool)
+                self._bdead[r] = True
+            else:
+                self._ddead[r - self._nb] = True
+        self._ndead += len(ids)
+
+    def _maybe_compact(self) -> None:
+        if len(self) == 0:
+            dim = self._dim
+            self.build([], np.zeros((0, dim or 0), np.float32), [])
+            self._dim = dim
+        elif self.n_pending > max(self.COMPACT_MIN, self.COMPACT_FRAC * self._nb):
+            self.compact()
+
+    def compact(self) -> None:
+        """Fold delta rows and tombstones into a new base (one copy of the live rows, grouped by base model)."""
+        if not self.n_pending:
+            return
+        nb = self._nb
+        live_b = np.arange(nb) if self._bdead is None else np.flatnonzero(~self._bdead)
+        live_d = np.flatnonzero(~self._ddead[:self._nd]) + nb
+        rows = np.concatenate([live_b, live_d])  # global rows
+        codes = np.concatenate([self._codes[live_b], self._dcodes[live_d - nb]])
+        order = np.argsort(codes, kind="stable")
+        rows, codes = rows[order], codes[order]
+        used = np.unique(codes)
+        remap = np.full(len(self._bm_names), -1, np.int32)
+        remap[used] = np.arange(len(used), dtype=np.int32)
+        names = [self._bm_names[c] for c in used.tolist()]
+        maxnorm = [self._bm_maxnorm[c] for c in used.tolist()]
+        X = np.empty((len(rows), self._dim or 0), np.float32)
+        for s in range(0, len(rows), _CHUNK):
+            X[s:s + _CHUNK] = self._gather(rows[s:s + _CHUNK], np.float32)
+        sqn = np.concatenate([self._sqn, self._dsqn[:self._nd]])[rows]
+        ids = [self._id_of(r) for r in rows.tolist()]
+        new_of = np.full(nb + self._nd, -1, np.int64)
+        new_of[rows] = np.arange(len(rows))
+        tags: dict[str, np.ndarray] = {}
+        for t in set(self._tags) | set(self._dtags):
+            old = np.concatenate([self._tags.get(t, np.zeros(0, np.int64)),
+                                  np.asarray(self._dtags.get(t, []), dtype=np.int64) + nb])
+            new = new_of[old]
+            new = np.sort(new[new >= 0])
+            if len(new):
+                tags[t] = new
+        codes = remap[codes]
+        bounds = np.searchsorted(codes, np.arange(len(names) + 1))
+        groups = {c: (int(bounds[c]), int(bounds[c + 1])) for c in range(len(names))}
+        self._set_base(ids, X, sqn, names, codes, tags, maxnorm, groups)
+
+    def _id_of(self, r: int) -> str:
+        return self._ids[r] if r < self._nb else self._dids[r - self._nb]
+
+    def _gather(self, rows: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+        """(m, d) vectors of global ``rows`` (base or delta), as ``dtype``."""
+        nb = self._nb
+        out = np.empty((len(rows), self._dim or 0), dtype=dtype)
+        inb = rows < nb
+        if inb.all():
+            out[:] = self._X[rows]
+        else:
+            out[inb] = self._X[rows[inb]]
+            out[~inb] = self._D[rows[~inb] - nb]
+        return out
 
     # -- search ------------------------------------------------------------------------------------
+    def _scope(self, where: Mapping[str, Any] | None) -> _Scope | None:
+        """The rows a filter keeps (``None``: none can match): base part as a slice or rows, delta rows,
+        tombstones and tag misses still to mask, and a bound on their norms."""
+        bm, tags = _check_where(where)
+        if bm is not None:
+            c = self._bm_code.get(bm)
+            if c is None:
+                return None
+            maxnorm = self._bm_maxnorm[c]
+            if c in self._groups:
+                base: slice | np.ndarray = slice(*self._groups[c])
+            else:
+                if c not in self._group_rows:
+                    self._group_rows[c] = np.flatnonzero(self._codes == c)
+                base = self._group_rows[c]
+            drows = np.flatnonzero(self._dcodes[:self._nd] == c)
+        else:
+            maxnorm = max(self._bm_maxnorm, default=0.0)
+            base = slice(0, self._nb)
+            drows = np.arange(self._nd)
+        if tags:
+            if any(t not in self._tags and t not in self._dtags for t in tags):
+                return None
+            brows = self._tags.get(tags[0], _EMPTY)
+            dsel = np.asarray(self._dtags.get(tags[0], []), dtype=np.int64)
+            for t in tags[1:]:
+                brows = np.intersect1d(brows, self._tags.get(t, _EMPTY), assume_unique=True)
+                dsel = np.intersect1d(dsel, np.asarray(self._dtags.get(t, []), dtype=np.int64), assume_unique=True)
+            if isinstance(base, slice):
+                brows = brows[(brows >= base.start) & (brows < base.stop)]
+                n_scope = base.stop - base.start
+            else:
+                brows = np.intersect1d(brows, base, assume_unique=True)
+                n_scope = len(base)
+            drows = np.intersect1d(drows, dsel, assume_unique=True)
+            if len(brows) < _GATHER_BELOW * n_scope or not isinstance(base, slice):
+                base = brows
+                keep = None
+            else:  # most rows of the slice pass: one pass over the slice, the others masked
+                keep = np.zeros(base.stop - base.start, dtype=bool)
+                keep[brows - base.start] = True
+            return _Scope(base, drows + self._nb, keep, maxnorm)
+        return _Scope(base, drows + self._nb, None, maxnorm)
+
     def search(self, query: np.ndarray, k: int, *, where: Mapping[str, Any] | None = None) -> list[Hit]:
         k = check_k(k, "search")
         q = _check_query(query, self._dim)
-        bm, tags = _check_where(where)
-        if not self._ids:
+        sc = self._scope(where)
+        if sc is None or not len(self):
             return []
-        if where and "base_model" in where and bm is None:
-            bm_filter = False  # {"base_model": None} means no filter
-        else:
-            bm_filter = bm is not None
-        if bm_filter:
-            if bm not in self._groups:
-                return []
-            start, stop, maxnorm = self._groups[bm]
-        else:
-            start, stop, maxnorm = 0, len(self._ids), self._maxnorm
-        X = self._X[start:stop]  # a view, no copy
-        sqn = self._sqn[start:stop]
-        rows: np.ndarray | None = None  # when set, the scored rows are X[rows]
-        mask: np.ndarray | None = None
-        if tags:
-            if any(t not in self._tags for t in tags):
-                return []
-            mask = self._tags[tags[0]][start:stop].copy()
-            for t in tags[1:]:
-                mask &= self._tags[t][start:stop]
-            n_ok = int(np.count_nonzero(mask))
-            if n_ok == 0:
-                return []
-            if n_ok < _GATHER_BELOW * len(mask):
-                rows = np.flatnonzero(mask)
-                mask = None
-        if rows is not None:
-            approx = X[rows] @ q  # (n_ok,)
-            approx *= -2.0
-            approx += sqn[rows]
-        else:
-            approx = X @ q  # (n,)  float32, the one pass over the matrix
-            approx *= -2.0
-            approx += sqn
-            if mask is not None:
-                approx[~mask] = np.inf
-        n_valid = len(approx) if mask is None else int(np.count_nonzero(mask))
-        return self._select(q, approx, rows, start, k, n_valid, maxnorm)
+        approx = self._approx(q, sc)
+        return self._select(q, approx, sc, k)
 
-    def _select(self, q: np.ndarray, approx: np.ndarray, rows: np.ndarray | None, start: int, k: int,
-                n_valid: int, maxnorm: float) -> list[Hit]:
+    def _approx(self, q: np.ndarray, sc: _Scope) -> np.ndarray:
+        """ã = ‖x‖² − 2xᵀq over the scope (base part then delta part); +inf on tombstones and tag misses."""
+        base, nb = sc.base, self._nb
+        nbs = sc.n_base
+        approx = np.empty(nbs + len(sc.delta), dtype=np.float32)
+        a = approx[:nbs]
+        if isinstance(base, slice):
+            np.matmul(self._X[base], q, out=a)  # the one pass over the matrix (a view, no copy)
+            sqn = self._sqn[base]
+        else:
+            for s in range(0, nbs, _CHUNK):  # gathered in chunks: bounded temporary memory
+                np.matmul(self._X[base[s:s + _CHUNK]], q, out=a[s:s + _CHUNK])
+            sqn = self._sqn[base]
+        a *= -2.0
+        a += sqn
+        if sc.keep is not None:
+            a[~sc.keep] = np.inf
+        if self._bdead is not None:
+            a[self._bdead[base]] = np.inf
+        if len(sc.delta):
+            dr = sc.delta - nb
+            b = approx[nbs:]
+            np.matmul(self._D[dr], q, out=b)
+            b *= -2.0
+            b += self._dsqn[dr]
+            b[self._ddead[dr]] = np.inf
+        return approx
+
+    def _select(self, q: np.ndarray, approx: np.ndarray, sc: _Scope, k: int) -> list[Hit]:
         """Top-k of ``approx`` (ã = ‖x‖² − 2xᵀq), re-ranked exactly and certified against rounding."""
         q64 = q.astype(np.float64)
         nq = float(q64 @ q64)
         d = len(q)
         # |ã_i + ‖q‖² − ‖x_i − q‖²| ≤ E for every row (float32 dot product bound γ_d‖x‖‖q‖, plus roundings).
-        E = 2.0 * (d + 8) * _U32 * (maxnorm + math.sqrt(nq)) ** 2
+        E = 2.0 * (d + 8) * _U32 * (sc.maxnorm + math.sqrt(nq)) ** 2
         n = len(approx)
+        masked = sc.keep is not None or self._ndead
+        n_valid = int(np.count_nonzero(approx < np.inf)) if masked else n
         m = min(n_valid, k + _SLACK)
         if m < n:
             part = np.argpartition(approx, m)  # approx[part[m]] is ≤ every row left out
@@ -314,21 +558,56 @@ class NumpyIndex:
             cand = np.arange(n)
             outside_min = math.inf
         cand = cand[np.isfinite(approx[cand])]  # drop masked rows
-        dist = self._exact(q64, cand, rows, start)
+        dist = self._exact(q64, sc.to_global(cand))
         if len(cand) > k and outside_min < math.inf:
             kth = float(np.partition(dist, k - 1)[k - 1])
             if not outside_min + nq - E > kth:  # a row left out might be as near as the k-th: widen
                 wide = np.flatnonzero(approx + nq <= kth + E)
                 cand = np.union1d(cand, wide)
-                dist = self._exact(q64, cand, rows, start)
-        ids = self._ids
-        pos = (rows[cand] if rows is not None else cand) + start
-        names = [ids[r] for r in pos.tolist()]
+                dist = self._exact(q64, sc.to_global(cand))
+        return self._hits(sc.to_global(cand), dist, k)
+
+    def _hits(self, rows: np.ndarray, dist: np.ndarray, k: int) -> list[Hit]:
+        names = [self._id_of(r) for r in rows.tolist()]
         order = sorted(zip(dist.tolist(), names, strict=True))[:k]
         return [Hit(i, dd) for dd, i in order]
 
-    def _exact(self, q64: np.ndarray, cand: np.ndarray, rows: np.ndarray | None, start: int) -> np.ndarray:
-        r = (rows[cand] if rows is not None else cand) + start
-        diff = self._X[r].astype(np.float64)  # (m, d)
+    def _exact(self, q64: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        diff = self._gather(rows)  # (m, d) float64
         diff -= q64
         return np.einsum("ij,ij->i", diff, diff)  # (m,) float64
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+def _grow(a: np.ndarray, cap: int, used: int) -> np.ndarray:
+    out = np.zeros((cap, *a.shape[1:]), dtype=a.dtype)
+    out[:used] = a[:used]
+    return out
+
+
+@dataclass
+class _Scope:
+    """The rows one search scores: ``base`` (a slice of the base, or sorted base rows), ``delta`` (global
+    rows of the delta buffer), ``keep`` (mask over a slice, or ``None``) and ‖x‖ ≤ ``maxnorm`` for all."""
+
+    base: slice | np.ndarray
+    delta: np.ndarray
+    keep: np.ndarray | None
+    maxnorm: float
+
+    @property
+    def n_base(self) -> int:
+        b = self.base
+        return b.stop - b.start if isinstance(b, slice) else len(b)
+
+    def to_global(self, idx: np.ndarray) -> np.ndarray:
+        """Positions in the approx array -> global rows."""
+        nbs = self.n_base
+        inb = idx < nbs
+        out = np.empty(len(idx), dtype=np.int64)
+        b = self.base
+        out[inb] = idx[inb] + b.start if isinstance(b, slice) else b[idx[inb]]
+        out[~inb] = self.delta[idx[~inb] - nbs]
+        return out
