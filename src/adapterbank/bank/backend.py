@@ -181,6 +181,10 @@ class BlobBackend(Protocol):
 
     def exists(self, sha: str, size: int | None = None) -> bool: ...
 
+    def name(self, sha: str) -> str:
+        """Where blob ``sha`` lives (a path or URL), for messages."""
+        ...
+
     def copy_verified(self, sha: str, dst: Path, *, what: str) -> int:
         """Copy a blob to ``dst``, re-hashing it; :class:`~adapterbank.errors.IntegrityError` on damage."""
         ...
