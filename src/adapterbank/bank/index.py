@@ -220,6 +220,7 @@ class NumpyIndex:
 
     def __init__(self) -> None:
         self._dim: int | None = None
+        self.catalog_version: int | None = None  # the catalog version the content reflects (bank.persisted)
         self._set_base([], np.zeros((0, 0), np.float32), np.zeros(0, np.float32), [], np.zeros(0, np.int32), {})
 
     # -- storage -----------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class NumpyIndex:
         self._nd = 0
         self._ndead = 0
         self._pos_cache: dict[str, int] | None = None
+        self.origin: str | None = None  # which persisted base files hold this base (set by bank.persisted)
         self._on_new_base()
 
     def _on_new_base(self) -> None:
@@ -351,6 +353,11 @@ class NumpyIndex:
             raise ShapeMismatchError(f"Index holds vectors of dim {self._dim}; got vectors of dim {X.shape[1]}.")
         sqn64 = _row_norms(X)
         self._kill([i for i in ids if i in self._pos])
+        self._append(ids, X, sqn64, at)
+        self._maybe_compact()
+
+    def _append(self, ids: list[str], X: np.ndarray, sqn64: np.ndarray, at: list[dict[str, Any]]) -> None:
+        """Add rows (ids not live, attrs normalised) to the delta buffer."""
         m, nd = len(ids), self._nd
         if nd + m > len(self._D):  # grow the delta buffer geometrically
             cap = max(64, 2 * len(self._D), nd + m)
@@ -374,10 +381,9 @@ class NumpyIndex:
                 self._dtags.setdefault(t, []).append(nd + j)
         self._dids.extend(ids)
         self._nd = nd + m
-        pos = self._pos
-        for j, i in enumerate(ids):
-            pos[i] = self._nb + nd + j
-        self._maybe_compact()
+        if self._pos_cache is not None:
+            for j, i in enumerate(ids):
+                self._pos_cache[i] = self._nb + nd + j
 
     def delete(self, ids: Sequence[str]) -> None:
         self._kill([str(i) for i in dict.fromkeys(ids) if i in self._pos])
@@ -441,6 +447,29 @@ class NumpyIndex:
         bounds = np.searchsorted(codes, np.arange(len(names) + 1))
         groups = {c: (int(bounds[c]), int(bounds[c + 1])) for c in range(len(names))}
         self._set_base(ids, X, sqn, names, codes, tags, maxnorm, groups)
+
+    def delta_state(self) -> tuple[list[str], np.ndarray, list[dict[str, Any]], np.ndarray]:
+        """What changed since the base: live delta rows (ids, (m, d) float32 vectors, attrs) and the
+        tombstoned base rows (sorted int64). A persisted index stores these beside its base files."""
+        live = np.flatnonzero(~self._ddead[:self._nd])
+        tags_of: dict[int, list[str]] = {}
+        for t, rows in self._dtags.items():
+            for j in rows:
+                tags_of.setdefault(j, []).append(t)
+        attrs = [{"base_model": self._bm_names[int(self._dcodes[j])], "tags": tags_of.get(j, [])} for j in live.tolist()]
+        dead = np.zeros(0, np.int64) if self._bdead is None else np.flatnonzero(self._bdead).astype(np.int64)
+        return [self._dids[j] for j in live.tolist()], self._D[live], attrs, dead
+
+    def _replay(self, ids: list[str], X: np.ndarray, attrs: list[dict[str, Any]], dead_base: np.ndarray) -> None:
+        """Re-apply a :meth:`delta_state` onto the same base (trusted input: no checks, no compaction)."""
+        if len(dead_base):
+            self._bdead = np.zeros(self._nb, dtype=bool)
+            self._bdead[dead_base] = True
+            self._ndead += len(dead_base)
+        if ids:
+            X = np.ascontiguousarray(X, dtype=np.float32)
+            self._append(ids, X, _row_norms(X), [_norm_attrs(a) for a in attrs])
+        self._pos_cache = None
 
     def _id_of(self, r: int) -> str:
         return self._ids[r] if r < self._nb else self._dids[r - self._nb]
