@@ -1,78 +1,120 @@
-"""Exact top-10 search: adapterbank's NumpyIndex (and Bank.search) against bare numpy, same data, same run.
+"""Search at library scale: exact (bare numpy anchor vs NumpyIndex), ANN (AnnIndex, usearch HNSW), memory,
+and the cold start of a new process from the persisted index files.
 
-For every N (default 1e4 and 1e5; add 1e6 with ``--sizes 1e4,1e5,1e6``) at d=768 with 10 base models:
+For every (N, d) in ``--configs`` (default 1e5x384,1e5x768; add 1e6x384), each measurement in its own fresh
+process so peak RSS is its own:
 
-* anchor  — bare numpy: ``s = X @ q; s = ‖x‖² − 2s`` (norms precomputed), ``argpartition``, sort the top 10;
-  with the base-model filter the anchor masks the other rows to +inf (what the original design note measured).
-* ours    — ``NumpyIndex.search(q, 10)`` and ``search(q, 10, where={"base_model": ...})``: exact float64
-  re-ranking, ties by id, filter as a row slice.
-* bank    — ``Bank.search`` end to end (catalog version check + cached index) at N = 1e4, and the cold
-  first search that builds the index from SQLite.
+* exact  — the float32 matrix is loaded into memory, ``NumpyIndex.build`` (no copy) and searches: the anchor
+  ``s = X @ q; s = ‖x‖² − 2s``, ``argpartition``, sort the top 10 (with the base-model filter it masks the
+  other rows) against ``NumpyIndex.search(q, 10)`` with and without ``where={"base_model": ...}`` (10 base
+  models interleaved: the filter gathers 10 % of the rows). Peak RSS / matrix bytes is the memory ratio (goal
+  ≤ 1.5).
+* ann    — ``AnnIndex.build`` (HNSW graph, float16, M=16, ef_add=128) then p50/p99 of ``search(q, 10)`` and
+  recall@10 against the exact index; peak RSS of the process.
+* cold   — the index is written with :func:`adapterbank.bank.persisted.write_index` (kind exact, and ann),
+  then a *new* process imports adapterbank, calls ``load_index`` (a real empty bank whose catalog version the
+  files carry, so the files are opened, not rebuilt) and runs the first search: median of 3 (page cache warm).
 
-Median of repeats over distinct queries (after warm-up); ratio = ours / anchor (goal ≤ 1.2); peak RSS.
-Writes ``bench/results/search.json`` and prints a Markdown table.
+Data: 1000 Gaussian clusters (σ=0.5 around N(0,1) centres, like task prototypes that cluster by domain);
+queries are stored rows plus the same noise. ANN on *unclustered* Gaussian data is the hard case for any
+graph (recall@10 ≈ 0.67 at ef=256, d=384): see the report in BENCHMARKS.md.
 
-    python bench/bench_search.py [--sizes 1e4,1e5] [--repeats 15] [--threads 1] [--out bench/results/search.json]
+Writes ``bench/results/search_scale.json`` and prints a Markdown table. Single-threaded BLAS by default
+(``--threads``): steadier on a shared machine.
+
+    python bench/bench_search.py [--configs 1e5x384,1e5x768,1e6x384] [--repeats 200] [--out ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-D = 768
 K = 10
 N_MODELS = 10
+SPACE_KEY = "bench-encoder|r1|mean|raw"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def median_times(fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function; the functions run interleaved on every query, so drift
-    of the shared machine's speed hits them alike."""
-    for q in queries[:warmup]:
-        for fn in fns.values():
-            fn(q)
-    ts: dict[str, list[float]] = {name: [] for name in fns}
-    for q in queries:
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(q)
-            ts[name].append(time.perf_counter() - t0)
-    out = {name: statistics.median(v) for name, v in ts.items()}
-    out.update({f"{name}@min": min(v) for name, v in ts.items()})  # least disturbed by other load
+def rss_now_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def make_data(path: Path, n: int, d: int, seed: int = 0) -> None:
+    """Clustered float32 (n, d) written to ``path`` in chunks (no float64 copy of the whole matrix)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((1000, d), dtype=np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, d))
+    for s in range(0, n, 50_000):
+        m = min(50_000, n - s)
+        out[s:s + m] = centres[rng.integers(0, 1000, m)] + 0.5 * rng.standard_normal((m, d), dtype=np.float32)
+    out.flush()
+
+
+def queries(X: np.ndarray, nq: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(len(X), nq, replace=False)
+    return (X[np.sort(rows)] + 0.5 * rng.standard_normal((nq, X.shape[1]), dtype=np.float32)).astype(np.float32)
+
+
+def ids_attrs(n: int, grouped: bool) -> tuple[list[str], list[dict[str, Any]]]:
+    ids = [f"adapter-{i:07d}" for i in range(n)]
+    model = (lambda i: i * N_MODELS // n) if grouped else (lambda i: i % N_MODELS)
+    return ids, [{"base_model": f"base-{model(i)}", "tags": []} for i in range(n)]
+
+
+def timed(fn: Any, qs: np.ndarray, warmup: int = 3) -> list[float]:
+    for q in qs[:warmup]:
+        fn(q)
+    out = []
+    for q in qs:
+        t0 = time.perf_counter()
+        fn(q)
+        out.append(time.perf_counter() - t0)
     return out
 
 
-def make_data(n: int, seed: int = 0) -> tuple[np.ndarray, list[str], list[dict[str, Any]]]:
-    rng = np.random.default_rng(seed)
-    X = np.empty((n, D), dtype=np.float32)
-    step = 50_000
-    for s in range(0, n, step):  # chunked: no float64 copy of the whole matrix
-        X[s:s + step] = rng.standard_normal((min(step, n - s), D), dtype=np.float32)
-    ids = [f"adapter-{i:07d}" for i in range(n)]
-    attrs = [{"base_model": f"base-{i % N_MODELS}", "tags": []} for i in range(n)]  # interleaved, not pre-grouped
-    return X, ids, attrs
+def stats(ts: list[float]) -> dict[str, float]:
+    ms = np.array(ts) * 1e3
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "min_ms": float(ms.min())}
 
 
-def bare_numpy(X: np.ndarray, sqn: np.ndarray, mask: np.ndarray | None) -> Callable[[np.ndarray], np.ndarray]:
-    def run(q: np.ndarray) -> np.ndarray:
+# -- workers (each in its own process) -------------------------------------------------------------
+def worker_exact(path: Path, repeats: int) -> dict[str, Any]:
+    from adapterbank.bank import NumpyIndex
+
+    n, d = np.load(path, mmap_mode="r").shape
+    ids, attrs = ids_attrs(n, grouped=False)
+    base_rss = rss_now_mb()  # interpreter, numpy, adapterbank and the ids/attrs lists the caller holds anyway
+    X = np.load(path)  # (n, d) float32 in memory
+    t0 = time.perf_counter()
+    idx = NumpyIndex()
+    idx.build(ids, X, attrs)
+    build_s = time.perf_counter() - t0
+    assert idx._X is X
+    sqn = np.asarray(idx._sqn)
+    mask = idx._codes == idx._bm_code["base-3"]
+    qs = queries(X, repeats)
+
+    def anchor(q: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
         s = X @ q
         s *= -2.0
         s += sqn
@@ -81,156 +123,196 @@ def bare_numpy(X: np.ndarray, sqn: np.ndarray, mask: np.ndarray | None) -> Calla
         top = np.argpartition(s, K)[:K]
         return top[np.argsort(s[top])]
 
-    return run
-
-
-def bench_index(n: int, repeats: int) -> dict[str, Any]:
-    from adapterbank.bank import NumpyIndex
-
-    X, ids, attrs = make_data(n)
-    t0 = time.perf_counter()
-    idx = NumpyIndex()
-    idx.build(ids, X, attrs)
-    build_s = time.perf_counter() - t0
-    del X  # the index holds its own (grouped) copy; the anchor runs on that same matrix
-    Xg = idx._X  # noqa: SLF001 - the benchmark compares on the very same memory
-    sqn = idx._sqn  # noqa: SLF001
-    target = "base-3"
-    mask = np.array([a["base_model"] == target for a in (idx._attrs)])  # noqa: SLF001
-    queries = np.random.default_rng(1).standard_normal((repeats, D), dtype=np.float32)
-
-    # correctness on the bench data: same top-10 ids as the anchor
-    for q in queries[:3]:
-        a = [idx.ids[i] for i in bare_numpy(Xg, sqn, None)(q)]
-        assert [h.id for h in idx.search(q, K)] == a, "top-10 differs from the numpy anchor"
-
-    row: dict[str, Any] = {"n": n, "d": D, "k": K, "build_s": build_s, "index_mb": (Xg.nbytes + sqn.nbytes) / 2**20}
-    t = median_times({
-        "anchor_nofilter_ms": bare_numpy(Xg, sqn, None),
-        "ours_nofilter_ms": lambda q: idx.search(q, K),
-        "anchor_filter_ms": bare_numpy(Xg, sqn, mask),
-        "ours_filter_ms": lambda q: idx.search(q, K, where={"base_model": target}),
-    }, queries)
-    row.update({name.replace("_ms@min", "_min_ms"): 1e3 * v for name, v in t.items()})
-    row["ratio_nofilter_min"] = row["ours_nofilter_min_ms"] / row["anchor_nofilter_min_ms"]
-    row["ratio_filter_min"] = row["ours_filter_min_ms"] / row["anchor_filter_min_ms"]
-    row["ratio_nofilter"] = row["ours_nofilter_ms"] / row["anchor_nofilter_ms"]
-    row["ratio_filter"] = row["ours_filter_ms"] / row["anchor_filter_ms"]
+    for q in qs[:3]:
+        assert [h.id for h in idx.search(q, K)] == [ids[i] for i in anchor(q)], "top-10 differs from the anchor"
+    t = {
+        "anchor": timed(anchor, qs), "ours": timed(lambda q: idx.search(q, K), qs),
+        "anchor_filter": timed(lambda q: anchor(q, mask), qs),
+        "ours_filter": timed(lambda q: idx.search(q, K, where={"base_model": "base-3"}), qs),
+    }
+    row: dict[str, Any] = {"n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
+                           **{f"{k}_{s}": v for k, ts in t.items() for s, v in stats(ts).items()}}
+    row["ratio"] = row["ours_p50_ms"] / row["anchor_p50_ms"]
+    row["ratio_filter"] = row["ours_filter_p50_ms"] / row["anchor_filter_p50_ms"]
     row["peak_rss_mb"] = peak_rss_mb()
+    row["memory_ratio"] = (row["peak_rss_mb"] - base_rss) / row["matrix_mb"]  # goal ≤ 1.5
     return row
 
 
-def bench_bank(n: int, repeats: int) -> dict[str, Any]:
-    """Bank.search end to end on a bank whose catalog holds n adapters with prototypes.
+def worker_ann(path: Path, repeats: int, persist: Path | None) -> dict[str, Any]:
+    from adapterbank.bank import NumpyIndex
+    from adapterbank.bank.ann import AnnIndex
+    from adapterbank.bank.persisted import space_dir_name, write_index
 
-    The rows are inserted in one transaction straight into the catalog (no adapter files: search never
-    reads blobs), which is what n calls of ``Bank.add`` would leave there, minus hours of fsyncs.
-    """
-    from adapterbank.bank import Bank
-    from adapterbank.prototypes.space import Prototype, PrototypeSpace
+    n, d = np.load(path, mmap_mode="r").shape
+    ids, attrs = ids_attrs(n, grouped=True)  # grouped: the persisted files keep the graph's row numbers
+    base_rss = rss_now_mb()
+    X = np.load(path)
+    t0 = time.perf_counter()
+    ann = AnnIndex()
+    ann.build(ids, X, attrs)
+    build_s = time.perf_counter() - t0
+    rss_built = peak_rss_mb()
+    qs = queries(X, repeats)
+    exact = NumpyIndex()
+    exact.build(ids, X, attrs)
+    t = {"ann": timed(lambda q: ann.search(q, K), qs),
+         "ann_filter": timed(lambda q: ann.search(q, K, where={"base_model": "base-3"}), qs)}
+    found = 0
+    for q in qs:
+        found += len({h.id for h in ann.search(q, K)} & {h.id for h in exact.search(q, K)})
+    row: dict[str, Any] = {"n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
+                           "recall10": found / (K * len(qs)), "peak_rss_mb": rss_built,
+                           "memory_ratio": (rss_built - base_rss) / (X.nbytes / 2**20),
+                           **{f"{k}_{s}": v for k, ts in t.items() for s, v in stats(ts).items()}}
+    if persist is not None:  # write both kinds for the cold-start runs
+        for kind in ("exact", "ann"):
+            idx = ann if kind == "ann" else exact
+            idx.catalog_version = 1
+            t0 = time.perf_counter()
+            write_index(persist / f"{kind}-index" / space_dir_name(SPACE_KEY), SPACE_KEY, idx, kind=kind)
+            row[f"write_{kind}_s"] = time.perf_counter() - t0
+    return row
 
-    X, ids, attrs = make_data(n, seed=2)
-    space = PrototypeSpace("bench-encoder", "r1", "mean", False, D)
-    with tempfile.TemporaryDirectory(prefix="bench-bank-") as tmp:
-        bank = Bank.init(Path(tmp) / "bank")
-        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        sp = json.dumps(space.to_dict(), sort_keys=True)
-        with bank._cat.write() as c:  # noqa: SLF001 - bulk load for the benchmark only
-            c.executemany(
-                "INSERT INTO adapters(id, base_model, format, rank, ranks, targets, source, description, license, "
-                "tags, created, versions, extra) VALUES (?, ?, 'peft', 4, '{}', '[]', NULL, NULL, NULL, '[]', ?, '{}', '{}')",
-                [(i, a["base_model"], now) for i, a in zip(ids, attrs, strict=True)])
-            c.executemany(
-                "INSERT INTO prototypes(adapter_id, space_key, space, dim, vector, n_samples, source, extra) "
-                "VALUES (?, ?, ?, ?, ?, 0, '', '{}')",
-                [(i, space.key, sp, D, X[r].tobytes()) for r, i in enumerate(ids)])
-            bank._cat.bump(c)  # noqa: SLF001
-        queries = np.random.default_rng(3).standard_normal((repeats, D), dtype=np.float32)
+
+COLD = """
+import sys, time, json
+t0 = time.perf_counter()
+import numpy as np
+from pathlib import Path
+from adapterbank.bank import Bank
+from adapterbank.bank.persisted import load_index
+t1 = time.perf_counter()
+bank = Bank.open(sys.argv[1])
+idx = load_index(bank.root / "index", sys.argv[2], bank._cat, kind=sys.argv[3])
+t2 = time.perf_counter()
+q = np.load(sys.argv[4])[0]
+hits = idx.search(q, 10)
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "open_s": t2 - t1, "first_search_s": t3 - t2, "load_and_search_s": t3 - t1,
+                  "type": type(idx).__name__, "top": hits[0].id}))
+"""
+
+
+def cold_start(bank_dir: Path, kind: str, qpath: Path, runs: int = 3) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    res = []
+    for _ in range(runs):
         t0 = time.perf_counter()
-        bank.search(Prototype(queries[0], space), k=K)
-        cold_s = time.perf_counter() - t0
-        idx = bank.index(space)
-        Xg, sqn = idx._X, idx._sqn  # noqa: SLF001
-        mask = np.array([a["base_model"] == "base-3" for a in idx._attrs])  # noqa: SLF001
-        t = median_times({
-            "anchor_nofilter_ms": bare_numpy(Xg, sqn, None),
-            "bank_nofilter_ms": lambda q: bank.search(q, K),
-            "anchor_filter_ms": bare_numpy(Xg, sqn, mask),
-            "bank_filter_ms": lambda q: bank.search(q, K, base_model="base-3"),
-            "bank_prototype_query_ms": lambda q: bank.search(Prototype(q, space), K),
-        }, queries)
-        row: dict[str, Any] = {"n": n, "cold_first_search_s": cold_s,
-                               **{name.replace("_ms@min", "_min_ms"): 1e3 * v for name, v in t.items()}}
-        row["ratio_nofilter"] = row["bank_nofilter_ms"] / row["anchor_nofilter_ms"]
-        row["ratio_filter"] = row["bank_filter_ms"] / row["anchor_filter_ms"]
-        bank.close()
-    return row
+        out = subprocess.run([sys.executable, "-c", COLD, str(bank_dir), SPACE_KEY, kind, str(qpath)],
+                             capture_output=True, text=True, env=env, check=True)
+        wall = time.perf_counter() - t0
+        res.append({**json.loads(out.stdout.strip().splitlines()[-1]), "process_wall_s": wall})
+    keys = [k for k in res[0] if k.endswith("_s")]
+    return {"kind": kind, "type": res[0]["type"], **{k: statistics.median(r[k] for r in res) for k in keys}}
+
+
+def make_cold_bank(dir: Path, index: Path) -> None:
+    """A real (empty) bank at ``dir`` with the bench's index files (``index``) moved in, stamped with its
+    catalog version: load_index opens them (what a bank whose catalog holds these rows would do)."""
+    from adapterbank.bank import Bank
+
+    bank = Bank.init(dir)
+    index.rename(dir / "index")
+    for m in (dir / "index").rglob("meta.json"):
+        data = json.loads(m.read_text())
+        data["catalog_version"] = bank.version
+        m.write_text(json.dumps(data))
+    bank.close()
+
+
+# -- orchestration --------------------------------------------------------------------------------------
+def run_worker(kind: str, path: Path, repeats: int, threads: int, persist: Path | None = None) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(path), "--repeats", str(repeats)]
+    if persist is not None:
+        cmd += ["--persist", str(persist)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f"worker {kind} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def markdown(res: dict[str, Any]) -> str:
-    lines = [
-        f"### Exact top-{K} search, d={D}, {N_MODELS} base models ({res['machine']}, "
-        f"BLAS threads: {res['blas_threads']})",
-        "",
-        "Median of interleaved repeats (ratio of medians; in brackets the ratio of the minima, least disturbed "
-        "by other load on the machine). Filter: one base model of 10 (10 % of the rows); the anchor masks.",
-        "",
-        "| N | anchor (numpy) | NumpyIndex | ratio | anchor, filter | NumpyIndex, filter | ratio | build | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in res["index"]:
-        lines.append(
-            f"| {r['n']:.0e} | {r['anchor_nofilter_ms']:.2f} ms | {r['ours_nofilter_ms']:.2f} ms | "
-            f"{r['ratio_nofilter']:.2f}× ({r['ratio_nofilter_min']:.2f}×) | {r['anchor_filter_ms']:.2f} ms | "
-            f"{r['ours_filter_ms']:.2f} ms | {r['ratio_filter']:.2f}× ({r['ratio_filter_min']:.2f}×) | "
-            f"{r['build_s']:.2f} s | {r['peak_rss_mb']:.0f} MB |"
-        )
-    if res.get("bank"):
-        b = res["bank"]
-        lines += [
-            "",
-            f"Bank.search end to end at N={b['n']:.0e}: {b['bank_nofilter_ms']:.2f} ms vs numpy "
-            f"{b['anchor_nofilter_ms']:.2f} ms ({b['ratio_nofilter']:.2f}×); with base-model filter "
-            f"{b['bank_filter_ms']:.2f} ms vs {b['anchor_filter_ms']:.2f} ms ({b['ratio_filter']:.2f}×); "
-            f"Prototype query {b['bank_prototype_query_ms']:.2f} ms; cold first search (index built from SQLite) "
-            f"{b['cold_first_search_s']:.2f} s.",
-        ]
+    lines = [f"### Search at scale ({res['machine']}, {res['date']}, load {res['load_avg']})", "",
+             "Exact top-10 (p50 over distinct queries; filter = one base model of 10, interleaved rows):", "",
+             "| N × d | anchor | NumpyIndex | ratio | anchor, filter | NumpyIndex, filter | ratio | build | peak RSS / matrix |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["exact"]:
+        lines.append(f"| {r['n']:.0e} × {r['d']} | {r['anchor_p50_ms']:.2f} ms | {r['ours_p50_ms']:.2f} ms | "
+                     f"{r['ratio']:.2f}× | {r['anchor_filter_p50_ms']:.2f} ms | {r['ours_filter_p50_ms']:.2f} ms | "
+                     f"{r['ratio_filter']:.2f}× | {r['build_s']:.2f} s | {r['memory_ratio']:.2f} |")
+    lines += ["", "ANN (AnnIndex: usearch HNSW, float16 graph, exact float64 re-rank of max(4k, 64) candidates):", "",
+              "| N × d | build | p50 | p99 | p50, filter 10 % | recall@10 | peak RSS / matrix |", "|---|---|---|---|---|---|---|"]
+    for r in res["ann"]:
+        lines.append(f"| {r['n']:.0e} × {r['d']} | {r['build_s']:.0f} s | {r['ann_p50_ms']:.2f} ms | "
+                     f"{r['ann_p99_ms']:.2f} ms | {r['ann_filter_p50_ms']:.2f} ms | {r['recall10']:.4f} | "
+                     f"{r['memory_ratio']:.2f} |")
+    lines += ["", "Cold start of a new process from the persisted files (median of 3, page cache warm):", "",
+              "| N × d | kind | import adapterbank | load_index | first search | load + first search | process wall |",
+              "|---|---|---|---|---|---|---|"]
+    for r in res["cold"]:
+        lines.append(f"| {r['n']:.0e} × {r['d']} | {r['kind']} | {r['import_s']:.2f} s | {r['open_s'] * 1e3:.0f} ms | "
+                     f"{r['first_search_s'] * 1e3:.0f} ms | {r['load_and_search_s'] * 1e3:.0f} ms | "
+                     f"{r['process_wall_s']:.2f} s |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1e4,1e5", help="comma-separated N values (e.g. 1e4,1e5,1e6)")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--bank-n", type=float, default=1e4, help="N for the Bank.search end-to-end run (0: skip)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="BLAS threads for both sides (0: leave the default); 1 is steadier on loaded machines")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "search.json"))
+    ap.add_argument("--configs", default="1e5x384,1e5x768", help="comma-separated NxD (e.g. 1e5x384,1e6x384)")
+    ap.add_argument("--repeats", type=int, default=200, help="queries per measurement")
+    ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of the search (0: default)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: exact, ann, cold")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "search_scale.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--persist", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sizes = [int(float(s)) for s in args.sizes.split(",") if s.strip()]
+    if args.worker:
+        fn = {"exact": lambda: worker_exact(Path(args.data), args.repeats),
+              "ann": lambda: worker_ann(Path(args.data), args.repeats, Path(args.persist) if args.persist else None)}
+        print(json.dumps(fn[args.worker]()))
+        return 0
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     res: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                    f"numpy {np.__version__}",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "repeats": args.repeats,
-        "index": [],
+        "load_avg": [round(x, 2) for x in os.getloadavg()], "repeats": args.repeats, "threads": args.threads,
+        "exact": [], "ann": [], "cold": [],
     }
-    limit: Any = contextlib.nullcontext()
-    if args.threads:
-        from threadpoolctl import threadpool_limits
+    try:
+        import usearch
 
-        limit = threadpool_limits(limits=args.threads, user_api="blas")
-    res["blas_threads"] = args.threads or "default"
-    with limit:
-        for n in sizes:
-            print(f"N={n:.0e} ...", file=sys.stderr, flush=True)
-            res["index"].append(bench_index(n, args.repeats if n < 1_000_000 else max(5, args.repeats // 3)))
-        if args.bank_n:
-            print(f"Bank.search at N={args.bank_n:.0e} ...", file=sys.stderr, flush=True)
-            res["bank"] = bench_bank(int(args.bank_n), args.repeats)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+        res["usearch"] = usearch.__version__
+    except ImportError:
+        skip |= {"ann", "cold"}
+    for cfg in args.configs.split(","):
+        n_s, d_s = cfg.lower().split("x")
+        n, d = int(float(n_s)), int(d_s)
+        with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
+            path = Path(tmp) / "X.npy"
+            make_data(path, n, d)
+            if "exact" not in skip:
+                print(f"exact N={n:.0e} d={d} ...", file=sys.stderr, flush=True)
+                res["exact"].append(run_worker("exact", path, args.repeats, args.threads))
+            if "ann" not in skip:
+                print(f"ann N={n:.0e} d={d} (graph build) ...", file=sys.stderr, flush=True)
+                persist = Path(tmp) / "banks" if "cold" not in skip else None
+                res["ann"].append(run_worker("ann", path, args.repeats, args.threads, persist))
+                if persist is not None:
+                    qpath = Path(tmp) / "q.npy"
+                    np.save(qpath, queries(np.load(path, mmap_mode="r"), 2, seed=7))
+                    for kind in ("exact", "ann"):
+                        make_cold_bank(persist / kind, persist / f"{kind}-index")
+                        print(f"cold start {kind} N={n:.0e} d={d} ...", file=sys.stderr, flush=True)
+                        res["cold"].append({"n": n, "d": d, **cold_start(persist / kind, kind, qpath)})
+        out = Path(args.out)  # written after every config: a long run keeps what it measured
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
     print(markdown(res))
     return 0
 

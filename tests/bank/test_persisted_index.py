@@ -48,7 +48,7 @@ def reference(cat: Catalog, q: np.ndarray, k: int, where: dict[str, Any] | None 
 def bank(tmp_path: Path) -> Bank:
     b = Bank.init(tmp_path / "bank")
     rng = np.random.default_rng(0)
-    add(b._cat, [f"a{i:04d}" for i in range(400)], rng.standard_normal((400, D)))  # noqa: SLF001
+    add(b._cat, [f"a{i:04d}" for i in range(400)], rng.standard_normal((400, D)))
     yield b
     b.close()
 
@@ -71,22 +71,22 @@ def same_answers(idx: Any, cat: Catalog) -> None:
 
 
 def test_first_load_writes_files_and_a_new_process_maps_them(bank: Bank) -> None:
-    cat = bank._cat  # noqa: SLF001
+    cat = bank._cat
     idx = load_index(bank.root / "index", SPACE.key, cat)
     m = meta(bank)
     assert m["catalog_version"] == cat.version() and m["n"] == 400 and m["d"] == D and m["kind"] == "exact"
     assert m["delta"] is None and (folder(bank) / m["base"] / "vectors.npy").is_file()
-    assert isinstance(idx._X, np.memmap) and not idx._X.flags.writeable  # noqa: SLF001 - mapped, not copied
+    assert isinstance(idx._X, np.memmap) and not idx._X.flags.writeable
     same_answers(idx, cat)
     again = load_index(bank.root / "index", SPACE.key, cat)  # as a new process would: from the files
     assert again is not idx and again.origin == m["base"] and meta(bank) == m  # nothing rewritten
     same_answers(again, cat)
     # rows are grouped by base model on disk: the filter is a slice
-    assert sorted(again._groups) == [0, 1, 2]  # noqa: SLF001
+    assert sorted(again._groups) == [0, 1, 2]
 
 
 def test_stale_index_is_updated_from_the_change_log(bank: Bank) -> None:
-    cat = bank._cat  # noqa: SLF001
+    cat = bank._cat
     load_index(bank.root / "index", SPACE.key, cat)
     base = meta(bank)["base"]
     rng = np.random.default_rng(2)
@@ -110,7 +110,7 @@ def test_stale_index_is_updated_from_the_change_log(bank: Bank) -> None:
 
 
 def test_many_changes_or_a_log_that_does_not_reach_back_rebuild(bank: Bank) -> None:
-    cat = bank._cat  # noqa: SLF001
+    cat = bank._cat
     load_index(bank.root / "index", SPACE.key, cat)
     first = meta(bank)["base"]
     m = meta(bank)
@@ -126,7 +126,7 @@ def test_many_changes_or_a_log_that_does_not_reach_back_rebuild(bank: Bank) -> N
 
 
 def test_damaged_or_half_written_files_are_never_used(bank: Bank) -> None:
-    cat = bank._cat  # noqa: SLF001
+    cat = bank._cat
     load_index(bank.root / "index", SPACE.key, cat)
     f = folder(bank)
     (f / "tmp-crashed").mkdir()
@@ -147,15 +147,15 @@ def test_damaged_or_half_written_files_are_never_used(bank: Bank) -> None:
 
 def test_unwritable_folder_keeps_the_index_in_memory(bank: Bank, caplog: pytest.LogCaptureFixture) -> None:
     (bank.root / "index").write_text("not a folder")
-    idx = load_index(bank.root / "index", SPACE.key, bank._cat)  # noqa: SLF001
-    same_answers(idx, bank._cat)  # noqa: SLF001
+    idx = load_index(bank.root / "index", SPACE.key, bank._cat)
+    same_answers(idx, bank._cat)
     assert "not writable" in caplog.text
 
 
 def test_bad_kind_and_unknown_space(bank: Bank) -> None:
     with pytest.raises(UnknownNameError, match="'kind'.*auto, exact, ann"):
-        load_index(bank.root / "index", SPACE.key, bank._cat, kind="hnsw")  # noqa: SLF001
-    assert len(load_index(bank.root / "index", "no-such-space", bank._cat)) == 0  # noqa: SLF001
+        load_index(bank.root / "index", SPACE.key, bank._cat, kind="hnsw")
+    assert len(load_index(bank.root / "index", "no-such-space", bank._cat)) == 0
 
 
 RACER = """
@@ -173,7 +173,7 @@ print("ok")
 
 
 def test_processes_racing_to_read_and_write_are_safe(bank: Bank) -> None:
-    cat = bank._cat  # noqa: SLF001
+    cat = bank._cat
     env_path = str(Path(__file__).resolve().parents[2] / "src")
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(bank.root), SPACE.key, "15"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -197,14 +197,14 @@ def test_ann_kind_persists_its_graph_and_maps_it(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     centres = rng.standard_normal((40, D))
     X = centres[rng.integers(0, 40, 21_000)] + 0.3 * rng.standard_normal((21_000, D))
-    add(b._cat, [f"v{i:05d}" for i in range(21_000)], X)  # noqa: SLF001
-    idx = load_index(b.root / "index", SPACE.key, b._cat, kind="ann")  # noqa: SLF001
-    assert isinstance(idx, AnnIndex) and idx._graph is not None  # noqa: SLF001
+    add(b._cat, [f"v{i:05d}" for i in range(21_000)], X)
+    idx = load_index(b.root / "index", SPACE.key, b._cat, kind="ann")
+    assert isinstance(idx, AnnIndex) and idx._graph is not None
     m = meta(b)
     assert m["kind"] == "ann" and (folder(b) / m["base"] / "graph.usearch").is_file()
-    again = load_index(b.root / "index", SPACE.key, b._cat)  # noqa: SLF001 - auto keeps the persisted kind
-    assert isinstance(again, AnnIndex) and again._graph is not None  # noqa: SLF001
-    m = b._cat.space_matrix(SPACE.key)  # noqa: SLF001
+    again = load_index(b.root / "index", SPACE.key, b._cat)
+    assert isinstance(again, AnnIndex) and again._graph is not None
+    m = b._cat.space_matrix(SPACE.key)
     ref_idx = NumpyIndex()
     ref_idx.build(m.ids, m.vectors.copy(), m.attrs)
     found = 0
@@ -212,6 +212,6 @@ def test_ann_kind_persists_its_graph_and_maps_it(tmp_path: Path) -> None:
         q = (X[r] + 0.3 * rng.standard_normal(D)).astype(np.float32)
         found += len({h.id for h in ref_idx.search(q, 10)} & {h.id for h in again.search(q, 10)})
     assert found >= 0.99 * 300
-    exact = load_index(b.root / "index", SPACE.key, b._cat, kind="exact")  # noqa: SLF001 - same files, no graph
+    exact = load_index(b.root / "index", SPACE.key, b._cat, kind="exact")
     assert type(exact) is NumpyIndex and exact.search(X[0], 5) == ref_idx.search(X[0], 5)
     b.close()

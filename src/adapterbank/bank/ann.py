@@ -37,7 +37,7 @@ from adapterbank._validation import check_int, check_k
 from adapterbank.bank.index import Hit, NumpyIndex, _check_query, _Scope
 from adapterbank.errors import AdapterbankError
 
-__all__ = ["AnnIndex", "ann_available", "ANN_MIN_ROWS"]
+__all__ = ["ANN_MIN_ROWS", "AnnIndex", "ann_available"]
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class AnnIndex(NumpyIndex):
         if (n_scope < max(self.exact_below, 2 * c) or frac * self.MAX_OVERSAMPLE < 1
                 or self.ensure_graph() is None):
             return self._select(q, self._approx(q, sc), sc, k)
-        c = int(math.ceil(c / frac))
+        c = math.ceil(c / frac)
         qg = (q - self._shift) / self._scale  # (d,) float32, the graph's coordinates
         while True:
             found = self._graph.search(qg, min(c, self._nb), threads=1)

@@ -30,7 +30,7 @@ import numpy as np
 from adapterbank._validation import MAX_K, check_k
 from adapterbank.errors import NonFiniteError, ShapeMismatchError, UnknownNameError
 
-__all__ = ["Hit", "Index", "NumpyIndex", "PackedIds", "WHERE_KEYS", "MAX_K"]
+__all__ = ["MAX_K", "WHERE_KEYS", "Hit", "Index", "NumpyIndex", "PackedIds"]
 
 WHERE_KEYS = ("base_model", "tags")
 _U32 = 2.0**-24  # unit roundoff of float32
@@ -52,7 +52,7 @@ class Hit:
     distance: float
     id: str
 
-    def __init__(self, id: str, distance: float) -> None:  # noqa: A002 - the public field name is `id`
+    def __init__(self, id: str, distance: float) -> None:
         object.__setattr__(self, "distance", float(distance))
         object.__setattr__(self, "id", str(id))
 
@@ -294,7 +294,7 @@ class NumpyIndex:
     def __len__(self) -> int:
         return self._nb + self._nd - self._ndead
 
-    def __contains__(self, id: object) -> bool:  # noqa: A002
+    def __contains__(self, id: object) -> bool:
         return id in self._pos
 
     @property
@@ -309,7 +309,7 @@ class NumpyIndex:
         """Delta rows plus tombstones: the work :meth:`compact` would fold into the base."""
         return self._nd + self._ndead
 
-    def vector(self, id: str) -> np.ndarray:  # noqa: A002
+    def vector(self, id: str) -> np.ndarray:
         """A copy of the stored vector of ``id``."""
         try:
             r = self._pos[id]

@@ -81,7 +81,7 @@ def space_dir_name(space_key: str) -> str:
     return f"{readable}-{hashlib.sha256(space_key.encode('utf-8')).hexdigest()[:16]}"
 
 
-def load_index(dir: Path, space_key: str, catalog: CatalogBackend, kind: str = "auto", *,  # noqa: A002
+def load_index(dir: Path, space_key: str, catalog: CatalogBackend, kind: str = "auto", *,
                current: NumpyIndex | None = None) -> NumpyIndex:
     """The search index of ``space_key`` at the catalog's current version, from the files under
     ``dir/<space_dir_name(space_key)>/`` (``dir`` is ``<bank>/index``), updated and re-persisted as needed.
@@ -201,7 +201,7 @@ def _open(folder: Path, space_key: str, kind: str) -> NumpyIndex | None:
             idx = _open_base(folder / meta["base"], AnnIndex() if as_ann else NumpyIndex())
             if meta.get("delta"):
                 with np.load(folder / meta["delta"], allow_pickle=False) as z:
-                    idx._replay([str(i) for i in z["ids"].tolist()], z["vectors"],  # noqa: SLF001
+                    idx._replay([str(i) for i in z["ids"].tolist()], z["vectors"],
                                 json.loads(str(z["attrs"])), z["dead"])
         except FileNotFoundError:
             continue  # a writer replaced this version meanwhile: read meta.json again
@@ -233,8 +233,8 @@ def _open_base(gen: Path, idx: NumpyIndex) -> NumpyIndex:
     tag_rows = np.load(gen / "tagrows.npy", mmap_mode="r")
     tag_off = np.load(gen / "tagoff.npy")
     tags = {t: tag_rows[tag_off[i]:tag_off[i + 1]] for i, t in enumerate(part["tags"])}
-    idx._dim = int(X.shape[1]) if n else None  # noqa: SLF001
-    idx._set_base(ids, X, sqn, part["base_models"], codes, tags, part["maxnorm"],  # noqa: SLF001
+    idx._dim = int(X.shape[1]) if n else None
+    idx._set_base(ids, X, sqn, part["base_models"], codes, tags, part["maxnorm"],
                   {c: (int(a), int(b)) for c, (a, b) in enumerate(groups)})
     if isinstance(idx, AnnIndex) and (gen / "graph.usearch").exists():
         idx.view_graph(gen / "graph.usearch")
@@ -323,31 +323,31 @@ def _write_base(folder: Path, idx: NumpyIndex, kind: str) -> str:
     tmp = folder / f"tmp-{tok}"
     tmp.mkdir()
     try:
-        n, d = idx._nb, idx._dim or 0  # noqa: SLF001
-        codes = idx._codes  # noqa: SLF001
+        n, d = idx._nb, idx._dim or 0
+        codes = idx._codes
         order = np.argsort(codes, kind="stable")  # grouped; the identity when the base already is
         identity = bool(np.array_equal(order, np.arange(n)))
         out = np.lib.format.open_memmap(tmp / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, d))
         for s in range(0, n, _CHUNK):
-            out[s:s + _CHUNK] = idx._X[s:s + _CHUNK] if identity else idx._X[order[s:s + _CHUNK]]  # noqa: SLF001
+            out[s:s + _CHUNK] = idx._X[s:s + _CHUNK] if identity else idx._X[order[s:s + _CHUNK]]
         out.flush()
         del out
         _fsync(tmp / "vectors.npy")
-        _save(tmp / "sqn.npy", np.asarray(idx._sqn)[order])  # noqa: SLF001
-        ids = PackedIds.pack([idx._ids[r] for r in order.tolist()])  # noqa: SLF001
+        _save(tmp / "sqn.npy", np.asarray(idx._sqn)[order])
+        ids = PackedIds.pack([idx._ids[r] for r in order.tolist()])
         _save(tmp / "ids.npy", np.asarray(ids.blob))
         _save(tmp / "idoff.npy", ids.offsets)
         new_of = np.empty(n, dtype=np.int64)
         new_of[order] = np.arange(n)
-        names = sorted(idx._tags)  # noqa: SLF001
-        rows = [np.sort(new_of[idx._tags[t]]) for t in names]  # noqa: SLF001
+        names = sorted(idx._tags)
+        rows = [np.sort(new_of[idx._tags[t]]) for t in names]
         off = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum([len(r) for r in rows], out=off[1:])
         _save(tmp / "tagrows.npy", np.concatenate(rows) if rows else np.zeros(0, np.int64))
         _save(tmp / "tagoff.npy", off)
-        bounds = np.searchsorted(codes[order], np.arange(len(idx._bm_names) + 1))  # noqa: SLF001
-        part = {"base_models": idx._bm_names, "maxnorm": idx._bm_maxnorm,  # noqa: SLF001
-                "groups": [[int(bounds[c]), int(bounds[c + 1])] for c in range(len(idx._bm_names))],  # noqa: SLF001
+        bounds = np.searchsorted(codes[order], np.arange(len(idx._bm_names) + 1))
+        part = {"base_models": idx._bm_names, "maxnorm": idx._bm_maxnorm,
+                "groups": [[int(bounds[c]), int(bounds[c + 1])] for c in range(len(idx._bm_names))],
                 "tags": names}
         (tmp / "part.json").write_text(json.dumps(part), encoding="utf-8")
         _fsync(tmp / "part.json")
