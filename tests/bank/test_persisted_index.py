@@ -214,4 +214,10 @@ def test_ann_kind_persists_its_graph_and_maps_it(tmp_path: Path) -> None:
     assert found >= 0.99 * 300
     exact = load_index(b.root / "index", SPACE.key, b._cat, kind="exact")
     assert type(exact) is NumpyIndex and exact.search(X[0], 5) == ref_idx.search(X[0], 5)
+    add(b._cat, ["late"], np.full((1, D), 9.0))
+    load_index(b.root / "index", SPACE.key, b._cat, kind="exact", current=exact)
+    m2 = meta(b)
+    assert m2["kind"] == "ann" and m2["base"] == m["base"] and m2["delta"]  # an exact reader keeps the graph
+    ann = load_index(b.root / "index", SPACE.key, b._cat)
+    assert isinstance(ann, AnnIndex) and ann.search(np.full(D, 9.0), 1)[0].id == "late"
     b.close()

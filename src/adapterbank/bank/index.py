@@ -1,14 +1,15 @@
 """Exact k-nearest-neighbour search over prototypes (Eq. 2: d_i = ‖p_T − p_i‖²₂) behind a small interface.
 
 :class:`Index` is what the bank needs from a search backend; :class:`NumpyIndex` is the embedded default
-(exact, in memory). An ANN backend (FAISS HNSW/IVF) or a remote one (Qdrant) implements the same five
-methods and runs the same conformance suite (``tests/bank/test_index_conformance.py``).
+(exact), :class:`~adapterbank.bank.ann.AnnIndex` the approximate one for large spaces; a remote one (Qdrant)
+would implement the same five methods. All run the conformance suite (``tests/bank/test_index_conformance.py``).
+:mod:`adapterbank.bank.persisted` keeps an index on disk so a new process maps it instead of rebuilding it.
 
 How :class:`NumpyIndex` stays exact and fast (docs/design.md §5.1; targets in BENCHMARKS.md):
 
 | step | what | cost |
 |------|------|------|
-| filter | rows are stored grouped by base model, so ``base_model=`` is a slice; tags are precomputed masks | O(1) / O(n) bools |
+| filter | a base model's rows are a slice when contiguous (persisted indexes are grouped), else gathered in chunks; tags are sorted row lists | O(1) / O(rows kept) |
 | score  | ã_i = ‖x_i‖² − 2 x_iᵀq in float32 (precomputed norms, one BLAS matrix-vector product) | O(n·d), memory-bound |
 | select | argpartition of ã, the top m = k + 8 candidates | O(n) |
 | re-rank| d_i = Σ_j (x_ij − q_j)² in float64 over the candidates, sorted by (d_i, id) | O(m·d) |
@@ -16,6 +17,12 @@ How :class:`NumpyIndex` stays exact and fast (docs/design.md §5.1; targets in B
 
 So distances are exact float64 values of the stored float32 vectors, ties are broken by id, and the
 result equals a brute-force float64 reference.
+
+Memory: the matrix given to :meth:`~NumpyIndex.build` is used as is when it is C-ordered float32 (read-only
+and memory-mapped arrays included): the index adds 8 bytes a row (norm, base-model code) and no temporary as
+large as the matrix. :meth:`~NumpyIndex.upsert` appends to a delta buffer and :meth:`~NumpyIndex.delete`
+tombstones (O(rows changed)); past a quarter of the base, :meth:`~NumpyIndex.compact` folds both into a new
+base (one copy of the live rows).
 """
 
 from __future__ import annotations

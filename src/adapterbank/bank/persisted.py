@@ -103,8 +103,8 @@ def load_index(dir: Path, space_key: str, catalog: CatalogBackend, kind: str = "
     folder = Path(dir) / space_dir_name(space_key)
     want = catalog.version()
     idx = current if current is not None and _kind_fits(current, kind) else None
-    if idx is None:
-        idx = _open(folder, space_key, kind)
+    if idx is None or _newer_on_disk(folder, space_key, idx):  # another process got further: start from there
+        idx = _open(folder, space_key, kind) or idx
     if idx is not None and idx.catalog_version == want:
         return idx
     if idx is not None and idx.catalog_version is not None:
@@ -125,6 +125,12 @@ def load_index(dir: Path, space_key: str, catalog: CatalogBackend, kind: str = "
                 log.debug("index %s: applied %d changes up to catalog version %d", space_key, len(changed), want)
                 return _persist(folder, space_key, idx)
     return _rebuild(folder, space_key, catalog, kind)
+
+
+def _newer_on_disk(folder: Path, space_key: str, idx: NumpyIndex) -> bool:
+    meta = _read_meta(folder)
+    return (meta is not None and meta.get("space_key") == space_key and idx.catalog_version is not None
+            and int(meta["catalog_version"]) > idx.catalog_version)
 
 
 def _kind_fits(idx: NumpyIndex, kind: str) -> bool:
@@ -276,13 +282,12 @@ def write_index(folder: Path, space_key: str, idx: NumpyIndex, *, kind: str | No
         raise AdapterbankError("write_index needs an index whose catalog_version is set.")
     kind = kind or ("ann" if isinstance(idx, AnnIndex) else "exact")
     meta = _read_meta(folder)
-    if not force and meta is not None and meta.get("space_key") == space_key and int(meta["catalog_version"]) >= idx.catalog_version \
-            and meta.get("kind") == kind and (folder / meta["base"]).is_dir() and kind == (
-                "ann" if isinstance(idx, AnnIndex) else "exact"):
+    if not force and meta is not None and meta.get("space_key") == space_key \
+            and int(meta["catalog_version"]) >= idx.catalog_version and (folder / meta["base"]).is_dir():
         return idx  # already persisted by someone (this process or another)
-    if not force and meta is not None and idx.origin is not None and meta.get("base") == idx.origin and meta.get("kind") == kind:
-        delta = _write_delta(folder, idx)
-        _write_meta(folder, space_key, idx, kind, idx.origin, delta)
+    if not force and meta is not None and idx.origin is not None and meta.get("base") == idx.origin:
+        delta = _write_delta(folder, idx)  # the base (and its graph, if any) stays: only the changes are written
+        _write_meta(folder, space_key, idx, str(meta.get("kind", kind)), idx.origin, delta)
         _cleanup(folder)
         return idx
     idx.compact()
