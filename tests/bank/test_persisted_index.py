@@ -204,9 +204,9 @@ def test_ann_kind_persists_its_graph_and_maps_it(tmp_path: Path) -> None:
     assert m["kind"] == "ann" and (folder(b) / m["base"] / "graph.usearch").is_file()
     again = load_index(b.root / "index", SPACE.key, b._cat)
     assert isinstance(again, AnnIndex) and again._graph is not None
-    m = b._cat.space_matrix(SPACE.key)
+    sm = b._cat.space_matrix(SPACE.key)
     ref_idx = NumpyIndex()
-    ref_idx.build(m.ids, m.vectors.copy(), m.attrs)
+    ref_idx.build(sm.ids, sm.vectors.copy(), sm.attrs)
     found = 0
     for r in rng.choice(21_000, 30, replace=False):
         q = (X[r] + 0.3 * rng.standard_normal(D)).astype(np.float32)
