@@ -158,10 +158,17 @@ def worker_ann(path: Path, repeats: int, persist: Path | None) -> dict[str, Any]
     exact.build(ids, X, attrs)
     t = {"ann": timed(lambda q: ann.search(q, K), qs),
          "ann_filter": timed(lambda q: ann.search(q, K, where={"base_model": "base-3"}), qs)}
-    found = 0
-    for q in qs:
-        found += len({h.id for h in ann.search(q, K)} & {h.id for h in exact.search(q, K)})
-    row: dict[str, Any] = {"n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
+    truth = [{h.id for h in exact.search(q, K)} for q in qs]
+    found = sum(len({h.id for h in ann.search(q, K)} & tr) for q, tr in zip(qs, truth, strict=True))
+    sweep = {}  # the graph's search breadth (HNSW ef) against recall and latency
+    default_ef = ann.expansion_search
+    for ef in (64, 128, 256, 512, 1024):
+        ann._graph.expansion_search = ef
+        ts = timed(lambda q: ann.search(q, K), qs)
+        rec = sum(len({h.id for h in ann.search(q, K)} & tr) for q, tr in zip(qs, truth, strict=True))
+        sweep[ef] = {**stats(ts), "recall10": rec / (K * len(qs))}
+    ann._graph.expansion_search = default_ef
+    row: dict[str, Any] = {"ef": default_ef, "ef_sweep": sweep, "n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
                            "recall10": found / (K * len(qs)), "peak_rss_mb": rss_built,
                            "memory_ratio": (rss_built - base_rss) / (X.nbytes / 2**20),
                            **{f"{k}_{s}": v for k, ts in t.items() for s, v in stats(ts).items()}}
@@ -244,12 +251,15 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['n']:.0e} × {r['d']} | {r['anchor_p50_ms']:.2f} ms | {r['ours_p50_ms']:.2f} ms | "
                      f"{r['ratio']:.2f}× | {r['anchor_filter_p50_ms']:.2f} ms | {r['ours_filter_p50_ms']:.2f} ms | "
                      f"{r['ratio_filter']:.2f}× | {r['build_s']:.2f} s | {r['memory_ratio']:.2f} |")
-    lines += ["", "ANN (AnnIndex: usearch HNSW, float16 graph, exact float64 re-rank of max(4k, 64) candidates):", "",
-              "| N × d | build | p50 | p99 | p50, filter 10 % | recall@10 | peak RSS / matrix |", "|---|---|---|---|---|---|---|"]
+    lines += ["", ("ANN (AnnIndex: usearch HNSW M=16, float16 graph, exact float64 re-rank of max(4k, 64) candidates; "
+                   "sweep: p50 / recall@10 at the graph's search breadth ef):"), "",
+              "| N × d | build | ef | p50 | p99 | p50, filter 10 % | recall@10 | peak RSS / matrix | sweep |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in res["ann"]:
-        lines.append(f"| {r['n']:.0e} × {r['d']} | {r['build_s']:.0f} s | {r['ann_p50_ms']:.2f} ms | "
+        sweep = ", ".join(f"{ef}: {v['p50_ms']:.2f} ms / {v['recall10']:.3f}" for ef, v in r["ef_sweep"].items())
+        lines.append(f"| {r['n']:.0e} × {r['d']} | {r['build_s']:.0f} s | {r['ef']} | {r['ann_p50_ms']:.2f} ms | "
                      f"{r['ann_p99_ms']:.2f} ms | {r['ann_filter_p50_ms']:.2f} ms | {r['recall10']:.4f} | "
-                     f"{r['memory_ratio']:.2f} |")
+                     f"{r['memory_ratio']:.2f} | {sweep} |")
     lines += ["", "Cold start of a new process from the persisted files (median of 3, page cache warm):", "",
               "| N × d | kind | import adapterbank | load_index | first search | load + first search | process wall |",
               "|---|---|---|---|---|---|---|"]
