@@ -11,14 +11,15 @@ place, a delta buffer, tombstones, base-model groups and tag rows) with an HNSW 
 | re-rank | d_i = Σ_j (x_ij − q_j)² in float64 from the stored float32 vectors, sorted by (d_i, id) |
 
 So every returned distance is exact and ties are broken by id, as in :class:`NumpyIndex`; only *which* rows
-come back is approximate (recall@10 ≥ 0.99 in ``bench/bench_search.py``). A selective filter (fewer than
+come back is approximate (recall@10 in ``bench/bench_search.py``). A selective filter (fewer than
 ``1/MAX_OVERSAMPLE`` of the rows, or fewer than ``exact_below`` rows in all) is answered by the exact path
-over the filtered rows instead. The graph stores float16 copies of the vectors (half the float32 matrix;
-they only steer the walk) and is saved to / memory-mapped from one file by :mod:`adapterbank.bank.persisted`.
+over the filtered rows instead. In memory the graph points into the base matrix (no copy of the vectors:
+links only, ~10 % of a d=384 float32 matrix); :mod:`adapterbank.bank.persisted` saves it to one file that a
+new process memory-maps (usearch ``view``: no load time).
 
-Why usearch rather than FAISS: one small wheel (plus ``numkong``), a saved index can be *viewed* (memory-mapped,
-no load time), float16 graph storage; recall and latency matched FAISS HNSW on the same data (numbers in
-``bench/bench_search.py``'s docstring).
+Why usearch rather than FAISS HNSW (measured on this project's bench machine, see BENCHMARKS.md): the saved
+index is mapped, not read (cold start in milliseconds), the graph can reference our matrix instead of copying
+it, and the wheels are small (usearch 2.3 MB + numkong 10.6 MB against faiss-cpu 18.8 MB).
 """
 
 from __future__ import annotations
@@ -44,13 +45,6 @@ log = logging.getLogger(__name__)
 #: ``kind="auto"`` (see :func:`adapterbank.bank.persisted.load_index`) uses :class:`AnnIndex` from this many
 #: rows on: below it exact search takes ≲ 5 ms at d=768 on one core and needs no graph build.
 ANN_MIN_ROWS = 100_000
-
-_CHUNK = 65_536  # rows per chunk of the passes over the base
-
-
-def _shift_path(graph: Path) -> Path:
-    return graph.with_name(graph.name + ".shift.npy")
-
 
 def ann_available() -> bool:
     """Whether the optional ANN dependency (usearch) is installed.
@@ -97,7 +91,7 @@ class AnnIndex(NumpyIndex):
     #: A filter keeping less than 1/MAX_OVERSAMPLE of the live rows goes to the exact path.
     MAX_OVERSAMPLE = 16
 
-    def __init__(self, *, connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 64,
+    def __init__(self, *, connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 256,
                  exact_below: int = 20_000, threads: int = 0) -> None:
         _usearch()
         self.connectivity = check_int(connectivity, "connectivity", "AnnIndex", low=2, high=1024)
@@ -106,8 +100,6 @@ class AnnIndex(NumpyIndex):
         self.exact_below = check_int(exact_below, "exact_below", "AnnIndex", low=0)
         self.threads = check_int(threads, "threads", "AnnIndex", low=0, high=4096)
         self._graph: Any = None
-        self._shift = np.zeros(0, dtype=np.float32)  # (d,) μ and s: the graph holds (x − μ)/s in float16
-        self._scale = 1.0
         super().__init__()
 
     # -- graph -------------------------------------------------------------------------------------
@@ -126,57 +118,42 @@ class AnnIndex(NumpyIndex):
 
     def ensure_graph(self) -> Any:
         """The HNSW graph over the base rows (keys = base row numbers), built now if missing; ``None`` when
-        the base is smaller than ``exact_below`` (searched exactly)."""
+        the base is smaller than ``exact_below`` (searched exactly).
+
+        The graph references the base matrix (usearch ``copy=False``) instead of holding a copy of the
+        vectors: the base is immutable, and lives as long as this index.
+        """
         if self._graph is not None or self._nb == 0 or self._nb < self.exact_below:
             return self._graph
         ui = _usearch()
-        self._shift, self._scale = self._centring()
-        g = ui.Index(ndim=self._dim or 0, metric="l2sq", dtype="f16", connectivity=self.connectivity,
+        g = ui.Index(ndim=self._dim or 0, metric="l2sq", dtype="f32", connectivity=self.connectivity,
                      expansion_add=self.expansion_add, expansion_search=self.expansion_search)
         t0 = time.perf_counter()
         threads = self.threads or (os.cpu_count() or 1)
-        for s in range(0, self._nb, _CHUNK):  # chunks: usearch converts to float16 per chunk, not the whole matrix
-            blk = (self._X[s:s + _CHUNK] - self._shift) / self._scale  # (m, d) float32
-            g.add(np.arange(s, s + len(blk), dtype=np.uint64), blk, threads=threads)
+        X = self._X
+        if not X.flags.c_contiguous or X.dtype != np.float32:  # pragma: no cover - _set_base guarantees both
+            raise AdapterbankError("AnnIndex needs a C-ordered float32 base matrix.")
+        g.add(np.arange(self._nb, dtype=np.uint64), X, copy=False, threads=threads)
         log.info("built HNSW graph over %d rows (d=%s) in %.1f s", self._nb, self._dim, time.perf_counter() - t0)
         self._graph = g
         return g
 
-    def _centring(self) -> tuple[np.ndarray, float]:
-        """μ (d,) and s with (x − μ)/s of every base row in [-1, 1]: the float16 graph copy then keeps the
-        *differences* between vectors (a large common offset would eat float16's 11 bits); L2 order is
-        unchanged by a shift and a scale."""
-        total = np.zeros(self._dim or 0, dtype=np.float64)
-        for s in range(0, self._nb, _CHUNK):
-            total += self._X[s:s + _CHUNK].sum(axis=0, dtype=np.float64)
-        mu = (total / max(self._nb, 1)).astype(np.float32)
-        big = 0.0
-        for s in range(0, self._nb, _CHUNK):
-            big = max(big, float(np.abs(self._X[s:s + _CHUNK] - mu).max(initial=0.0)))
-        return mu, (big if big > 0 and math.isfinite(big) else 1.0)
-
     def save_graph(self, path: Path) -> bool:
-        """Write the graph to ``path`` and its centring to ``path`` + ``.shift.npy``; ``False`` if there is
-        none (a base below ``exact_below``). :mod:`~adapterbank.bank.persisted` writes temp names and renames."""
+        """Write the graph (links and a copy of the vectors: usearch's format) to ``path``; ``False`` if there
+        is none (a base below ``exact_below``). :mod:`~adapterbank.bank.persisted` writes temp names and renames."""
         g = self.ensure_graph()
         if g is None:
             return False
         g.save(str(path))
-        np.save(_shift_path(path), np.append(self._shift.astype(np.float64), self._scale))
         return True
 
-    def view_graph(self, path: Path, shift_path: Path | None = None) -> None:
+    def view_graph(self, path: Path) -> None:
         """Attach a saved graph memory-mapped (read-only; rows added later go to the delta buffer)."""
         ui = _usearch()
         g = ui.Index.restore(str(path), view=True)
         if g is None or len(g) != self._nb or g.ndim != (self._dim or 0):
             raise AdapterbankError(f"The HNSW graph {path} does not match its index ({self._nb} rows, d={self._dim}).")
-        sh = np.load(shift_path or _shift_path(path))
-        if sh.shape != ((self._dim or 0) + 1,):
-            raise AdapterbankError(f"The graph centring {shift_path or _shift_path(path)} has shape {sh.shape}; "
-                                   f"expected ({(self._dim or 0) + 1},).")
         g.expansion_search = self.expansion_search
-        self._shift, self._scale = sh[:-1].astype(np.float32), float(sh[-1])
         self._graph = g
 
     # -- search ------------------------------------------------------------------------------------
@@ -194,9 +171,8 @@ class AnnIndex(NumpyIndex):
                 or self.ensure_graph() is None):
             return self._select(q, self._approx(q, sc), sc, k)
         c = math.ceil(c / frac)
-        qg = (q - self._shift) / self._scale  # (d,) float32, the graph's coordinates
         while True:
-            found = self._graph.search(qg, min(c, self._nb), threads=1)
+            found = self._graph.search(q, min(c, self._nb), threads=1)
             rows = np.asarray(found.keys, dtype=np.int64)[:len(found)]
             rows = rows[self._in_scope(rows, sc)]
             if len(rows) >= k or c >= self._nb:

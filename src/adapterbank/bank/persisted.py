@@ -13,7 +13,7 @@ Layout, one folder per prototype space (``<bank>/index/<safe name of the space k
         ids.npy        UTF-8 bytes of the ids, idoff.npy (n + 1,) int64 offsets
         tagrows.npy    rows of every tag, concatenated; tagoff.npy (T + 1,) int64 offsets
         part.json      base-model names and their row ranges, ‖x‖ bounds, tag names
-        graph.usearch  the HNSW graph (kind "ann"), with graph.usearch.shift.npy
+        graph.usearch  the HNSW graph (kind "ann"; usearch's file: links and its own copy of the vectors)
     x-<token>.npz      the *delta* since the base: rows added or replaced, base rows deleted
     .lock              held (flock) by the one process writing
 
@@ -94,10 +94,10 @@ def load_index(dir: Path, space_key: str, catalog: CatalogBackend, kind: str = "
 
     >>> import tempfile
     >>> from adapterbank.bank import Bank
-    >>> from adapterbank.prototypes.space import Prototype, PrototypeSpace
-    >>> root = Path(tempfile.mkdtemp()); bank = Bank.init(root / "bank")
-    >>> len(load_index(root / "bank" / "index", "no-such-space", bank._cat))
-    0
+    >>> bank = Bank.init(Path(tempfile.mkdtemp()) / "bank")
+    >>> idx = load_index(bank.root / "index", "no-such-space", bank._cat)
+    >>> len(idx), idx.catalog_version == bank.version, (bank.root / "index").is_dir()
+    (0, True, True)
     """
     kind = check_choice(kind, "kind", "load_index", KINDS)
     folder = Path(dir) / space_dir_name(space_key)
@@ -364,7 +364,6 @@ def _write_base(folder: Path, idx: NumpyIndex, kind: str) -> str:
                 idx = _open_base(tmp, g)
             if idx.save_graph(tmp / "graph.usearch"):
                 _fsync(tmp / "graph.usearch")
-                _fsync(tmp / "graph.usearch.shift.npy")
         _fsync(tmp)
         gen = f"g-{tok}"
         os.replace(tmp, folder / gen)
