@@ -23,6 +23,7 @@ Writes ``bench/results/search_scale.json`` and prints a Markdown table. Single-t
 (``--threads``): steadier on a shared machine.
 
     python bench/bench_search.py [--configs 1e5x384,1e5x768,1e6x384] [--repeats 200] [--out ...]
+        [--compare-libs faiss,usearch-f32,usearch-f16]   # the bare libraries too (how usearch was chosen)
 """
 
 from __future__ import annotations
@@ -50,7 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    """This process's peak RSS (VmHWM: reset by exec, unlike ru_maxrss, which a worker would inherit from the
+    parent that generated the data)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # pragma: no cover - not Linux
 
 
 def rss_now_mb() -> float:
@@ -182,6 +189,54 @@ def worker_ann(path: Path, repeats: int, persist: Path | None) -> dict[str, Any]
     return row
 
 
+def worker_libs(path: Path, repeats: int, lib: str) -> dict[str, Any]:
+    """The bare libraries on the same data and HNSW parameters (M=16, ef_add=128): build on all cores, then
+    the top-c candidates (c = 64) re-ranked exactly in float64, at several ef. ``lib``: faiss | usearch-f32 |
+    usearch-f16."""
+    base_rss = rss_now_mb()
+    X = np.load(path)
+    n, d = X.shape
+    qs = queries(X, repeats)
+    sqn = np.einsum("ij,ij->i", X, X)
+    truth = [set(np.argpartition(sqn - 2 * (X @ q), K)[:K].tolist()) for q in qs]
+    threads = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    if lib == "faiss":
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+        ix = faiss.IndexHNSWFlat(d, 16)
+        ix.hnsw.efConstruction = 128
+        ix.add(X)
+        faiss.omp_set_num_threads(1)
+
+        def cand(q: np.ndarray, c: int, ef: int) -> np.ndarray:
+            ix.hnsw.efSearch = ef
+            return ix.search(q[None, :], c)[1][0]
+    else:
+        from usearch.index import Index
+
+        ix = Index(ndim=d, metric="l2sq", dtype=lib.split("-")[1], connectivity=16, expansion_add=128)
+        ix.add(np.arange(n, dtype=np.uint64), X, threads=threads)
+
+        def cand(q: np.ndarray, c: int, ef: int) -> np.ndarray:
+            ix.expansion_search = ef
+            return ix.search(q, c, threads=1).keys.astype(np.int64)
+    row: dict[str, Any] = {"lib": lib, "n": n, "d": d, "build_s": time.perf_counter() - t0,
+                           "memory_ratio": (peak_rss_mb() - base_rss) / (X.nbytes / 2**20)}
+    for ef in (64, 128, 256, 512):
+        def run(q: np.ndarray, ef: int = ef) -> np.ndarray:
+            ids = cand(q, 64, ef)
+            ids = ids[ids >= 0]
+            dd = ((X[ids].astype(np.float64) - q) ** 2).sum(1)
+            return ids[np.argsort(dd, kind="stable")[:K]]
+
+        ts = timed(run, qs)
+        rec = sum(len(set(run(q).tolist()) & tr) for q, tr in zip(qs, truth, strict=True)) / (K * len(qs))
+        row[f"ef{ef}"] = {**stats(ts), "recall10": rec}
+    return row
+
+
 COLD = """
 import sys, time, json
 t0 = time.perf_counter()
@@ -267,6 +322,12 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['n']:.0e} × {r['d']} | {r['kind']} | {r['import_s']:.2f} s | {r['open_s'] * 1e3:.0f} ms | "
                      f"{r['first_search_s'] * 1e3:.0f} ms | {r['load_and_search_s'] * 1e3:.0f} ms | "
                      f"{r['process_wall_s']:.2f} s |")
+    if res.get("libs"):
+        lines += ["", "Bare libraries, same data, M=16, ef_add=128, top-64 candidates re-ranked exactly (p50 / recall@10):",
+                  "", "| lib | N × d | build | peak RSS / matrix | ef 64 | ef 128 | ef 256 | ef 512 |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["libs"]:
+            cells = " | ".join(f"{r[f'ef{ef}']['p50_ms']:.2f} ms / {r[f'ef{ef}']['recall10']:.3f}" for ef in (64, 128, 256, 512))
+            lines.append(f"| {r['lib']} | {r['n']:.0e} × {r['d']} | {r['build_s']:.0f} s | {r['memory_ratio']:.2f} | {cells} |")
     return "\n".join(lines)
 
 
@@ -276,12 +337,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=200, help="queries per measurement")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/OpenMP threads of the search (0: default)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: exact, ann, cold")
+    ap.add_argument("--compare-libs", default="",
+                    help="also run the bare libraries, e.g. faiss,usearch-f32,usearch-f16 (faiss-cpu must be installed)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "search_scale.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--persist", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
+        if args.worker.startswith("lib:"):
+            print(json.dumps(worker_libs(Path(args.data), args.repeats, args.worker[4:])))
+            return 0
         fn = {"exact": lambda: worker_exact(Path(args.data), args.repeats),
               "ann": lambda: worker_ann(Path(args.data), args.repeats, Path(args.persist) if args.persist else None)}
         print(json.dumps(fn[args.worker]()))
@@ -292,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"numpy {np.__version__}",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "load_avg": [round(x, 2) for x in os.getloadavg()], "repeats": args.repeats, "threads": args.threads,
-        "exact": [], "ann": [], "cold": [],
+        "exact": [], "ann": [], "cold": [], "libs": [],
     }
     try:
         import usearch
@@ -306,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-search-") as tmp:
             path = Path(tmp) / "X.npy"
             make_data(path, n, d)
+            for lib in [x.strip() for x in args.compare_libs.split(",") if x.strip()]:
+                print(f"bare {lib} N={n:.0e} d={d} ...", file=sys.stderr, flush=True)
+                res["libs"].append(run_worker(f"lib:{lib}", path, args.repeats, args.threads))
             if "exact" not in skip:
                 print(f"exact N={n:.0e} d={d} ...", file=sys.stderr, flush=True)
                 res["exact"].append(run_worker("exact", path, args.repeats, args.threads))

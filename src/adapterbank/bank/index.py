@@ -609,9 +609,12 @@ class NumpyIndex:
         return [Hit(i, dd) for dd, i in order]
 
     def _exact(self, q64: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        diff = self._gather(rows)  # (m, d) float64
-        diff -= q64
-        return np.einsum("ij,ij->i", diff, diff)  # (m,) float64
+        out = np.empty(len(rows), dtype=np.float64)
+        for s in range(0, len(rows), _CHUNK):  # chunks: a widened set (many near-ties) stays bounded in memory
+            diff = self._gather(rows[s:s + _CHUNK])  # (m, d) float64
+            diff -= q64
+            out[s:s + len(diff)] = np.einsum("ij,ij->i", diff, diff)
+        return out  # (m,) float64
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)
