@@ -9,7 +9,7 @@ process so peak RSS is its own:
   other rows) against ``NumpyIndex.search(q, 10)`` with and without ``where={"base_model": ...}`` (10 base
   models interleaved: the filter gathers 10 % of the rows). Peak RSS / matrix bytes is the memory ratio (goal
   ≤ 1.5).
-* ann    — ``AnnIndex.build`` (HNSW graph, float16, M=16, ef_add=128) then p50/p99 of ``search(q, 10)`` and
+* ann    — ``AnnIndex.build`` (HNSW graph over the float32 matrix, M=16, ef_add=128, ef = auto_ef(N)) then p50/p99 of ``search(q, 10)`` and
   recall@10 against the exact index; peak RSS of the process.
 * cold   — the index is written with :func:`adapterbank.bank.persisted.write_index` (kind exact, and ann),
   then a *new* process imports adapterbank, calls ``load_index`` (a real empty bank whose catalog version the
@@ -168,14 +168,15 @@ def worker_ann(path: Path, repeats: int, persist: Path | None) -> dict[str, Any]
     truth = [{h.id for h in exact.search(q, K)} for q in qs]
     found = sum(len({h.id for h in ann.search(q, K)} & tr) for q, tr in zip(qs, truth, strict=True))
     sweep = {}  # the graph's search breadth (HNSW ef) against recall and latency
-    default_ef = ann.expansion_search
+    default_ef = ann._graph.expansion_search
     for ef in (64, 128, 256, 512, 1024):
         ann._graph.expansion_search = ef
         ts = timed(lambda q: ann.search(q, K), qs)
         rec = sum(len({h.id for h in ann.search(q, K)} & tr) for q, tr in zip(qs, truth, strict=True))
         sweep[ef] = {**stats(ts), "recall10": rec / (K * len(qs))}
     ann._graph.expansion_search = default_ef
-    row: dict[str, Any] = {"ef": default_ef, "ef_sweep": sweep, "n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
+    row: dict[str, Any] = {"ef": default_ef, "ef_sweep": sweep,
+                           "n": n, "d": d, "build_s": build_s, "matrix_mb": X.nbytes / 2**20, "base_rss_mb": base_rss,
                            "recall10": found / (K * len(qs)), "peak_rss_mb": rss_built,
                            "memory_ratio": (rss_built - base_rss) / (X.nbytes / 2**20),
                            **{f"{k}_{s}": v for k, ts in t.items() for s, v in stats(ts).items()}}
@@ -306,7 +307,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {r['n']:.0e} × {r['d']} | {r['anchor_p50_ms']:.2f} ms | {r['ours_p50_ms']:.2f} ms | "
                      f"{r['ratio']:.2f}× | {r['anchor_filter_p50_ms']:.2f} ms | {r['ours_filter_p50_ms']:.2f} ms | "
                      f"{r['ratio_filter']:.2f}× | {r['build_s']:.2f} s | {r['memory_ratio']:.2f} |")
-    lines += ["", ("ANN (AnnIndex: usearch HNSW M=16, float16 graph, exact float64 re-rank of max(4k, 64) candidates; "
+    lines += ["", ("ANN (AnnIndex: usearch HNSW M=16, float32 graph over the matrix, exact float64 re-rank of max(4k, 64) candidates; "
                    "sweep: p50 / recall@10 at the graph's search breadth ef):"), "",
               "| N × d | build | ef | p50 | p99 | p50, filter 10 % | recall@10 | peak RSS / matrix | sweep |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -298,6 +298,8 @@ def write_index(folder: Path, space_key: str, idx: NumpyIndex, *, kind: str | No
     fresh.catalog_version, fresh.origin = idx.catalog_version, gen
     if isinstance(idx, AnnIndex) and isinstance(fresh, AnnIndex):
         fresh.expansion_search, fresh.exact_below = idx.expansion_search, idx.exact_below
+        if fresh._graph is not None:
+            fresh._graph.expansion_search = fresh._ef()
     return fresh
 
 
