@@ -73,6 +73,9 @@ __all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION"]
 
 BLOBS = "blobs"
 TMP = "tmp"
+#: Settings key prefix of the encoder spec of each prototype space (Bank.remember_encoder).
+ENCODER_SETTING = "encoder:"
+LEGACY_ENCODERS_FILE = "encoders.json"
 MAX_TAGS = 64
 MAX_TAG_LEN = 100
 MAX_TEXT_LEN = 100_000
@@ -586,9 +589,9 @@ class Bank:
     # -- settings ---------------------------------------------------------------------------------
     @staticmethod
     def _check_setting_key(key: object) -> str:
-        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+        if not isinstance(key, str) or not key.strip() or len(key) > 1000:
             raise ParameterError(f"The 'key' parameter of Bank.set_setting/get_setting must be a non-empty string of "
-                                 f"at most 200 characters (e.g. 'compose.auto'). Got {key!r} instead.")
+                                 f"at most 1000 characters (e.g. 'compose.auto'). Got {key!r} instead.")
         return key
 
     def set_setting(self, key: str, value: Any) -> None:
@@ -615,6 +618,38 @@ class Bank:
         """The value stored under ``key`` by :meth:`set_setting`, or ``default``."""
         text = self._cat.get_setting(self._check_setting_key(key))
         return default if text is None else json.loads(text)
+
+    def remember_encoder(self, space_key: str, spec: str) -> None:
+        """Record that the prototypes of ``space_key`` are made by the encoder ``spec`` (what ``--encoder`` was),
+        so later commands default to it. One setting per space (``encoder:<space key>``) in the catalog, so
+        concurrent writers of different spaces never lose each other's record and the server backend keeps it.
+
+        >>> import tempfile
+        >>> bank = Bank.init(tempfile.mkdtemp())
+        >>> bank.remember_encoder("minilm@r1|mean|l2|384", "default")
+        >>> bank.encoders()
+        {'minilm@r1|mean|l2|384': 'default'}
+        """
+        if not isinstance(spec, str) or not spec:
+            raise ParameterError(f"remember_encoder: the encoder spec must be a non-empty string. Got {spec!r}.")
+        if self.encoders().get(space_key) != spec:
+            self.set_setting(ENCODER_SETTING + space_key, spec)
+
+    def encoders(self) -> dict[str, str]:
+        """space key -> encoder spec, as recorded by :meth:`remember_encoder`. Banks written before this was kept in
+        the catalog have it in ``<bank>/encoders.json`` (written by the CLI); that file is still read, the catalog
+        wins."""
+        out: dict[str, str] = {}
+        legacy = Path(self.root) / LEGACY_ENCODERS_FILE if isinstance(self.root, Path) else None
+        if legacy is not None and legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text())
+            except (OSError, ValueError) as e:
+                raise BankError(f"{legacy}: cannot read the recorded encoders ({e}); delete the file and pass "
+                                f"--encoder.") from None
+            out.update({str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {})
+        out.update({k[len(ENCODER_SETTING):]: json.loads(v) for k, v in self._cat.settings(ENCODER_SETTING).items()})
+        return dict(sorted(out.items()))
 
     def spaces(self) -> builtins.list[PrototypeSpace]:
         """The prototype spaces present in the bank, sorted by key."""
