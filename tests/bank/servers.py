@@ -146,8 +146,8 @@ class S3Server:
     def storage_options(self, endpoint: str | None = None, **extra: Any) -> dict[str, Any]:
         """s3fs options for this server (few retries and short timeouts, so failures show quickly)."""
         opts: dict[str, Any] = {
-            "key": "testing", "secret": "testing", "skip_instance_cache": True, "retries": 1,
-            "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": "us-east-1"},
+            "key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": endpoint or self.endpoint, "region_name": "eu-west-1"},
             "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}, "connect_timeout": 3,
                               "read_timeout": 10},
         }
@@ -170,6 +170,8 @@ class CuttingProxy:
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.cut_after: int | None = None
+        #: Called (once per cut) just before a connection is cut, e.g. to kill the server behind the proxy.
+        self.on_cut: Any = None
         self.cuts = 0
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -208,6 +210,8 @@ class CuttingProxy:
                 if limit is not None and sent + len(data) > limit:
                     dst.sendall(data[: max(limit - sent, 0)])
                     self.cuts += 1
+                    if self.on_cut is not None:
+                        self.on_cut()
                     break
                 dst.sendall(data)
                 sent += len(data)
