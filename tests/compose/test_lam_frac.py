@@ -157,4 +157,4 @@ def test_exactly_one_of_lam_lam_rel_lam_frac() -> None:
         sparse(t, P, lam=1.0, lam_rel=0.1, lam_frac=0.5)
     assert parse_param_specs(["lam_frac=0.25"], ["sim", "sparse"]) == {"sparse": {"lam_frac": 0.25}}
     p = get_strategy("sparse").param("lam_frac")
-    assert (p.low, p.high, p.default) == (0.0, 1.0, None)
+    assert (p.low, p.high, p.default) == (0.0, 1.0, 1.0)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from adapterbank.compose.solvers import solve_lin, solve_sparse
+from adapterbank.compose.solvers import hull_projection, solve_lin, solve_sparse
 from adapterbank.compose.strategies import (
-    DEFAULT_LAM_REL,
+    DEFAULT_LAM_FRAC,
     DEFAULT_TAU_REL,
     STRATEGIES,
     Param,
@@ -37,7 +39,8 @@ def test_registry_is_exactly_the_five_strategies() -> None:
     assert {n: s.display for n, s in STRATEGIES.items()} == {
         "avg": "Avg", "sim": "Sim", "lin": "Lin", "sparse": "Sparse", "nearest": "Nearest"}
     assert get_strategy("sim").param_names == ("tau", "tau_rel")
-    assert get_strategy("sparse").param("lam_rel").default == DEFAULT_LAM_REL
+    assert get_strategy("sparse").param("lam_frac").default == DEFAULT_LAM_FRAC == 1.0
+    assert get_strategy("sparse").param("lam_rel").default is None
     assert get_strategy("sim").param("tau_rel").default == DEFAULT_TAU_REL
     assert [n for n, s in STRATEGIES.items() if not s.depends_on_k] == ["nearest"]
 
@@ -234,12 +237,18 @@ def test_lin_and_sparse_use_the_solvers() -> None:
     lin = compute_weights("lin", t, P)
     np.testing.assert_array_equal(lin.weights, solve_lin(P, t).weights)
     assert lin.objective == pytest.approx(solve_lin(P, t).objective)
-    sp = compute_weights("sparse", t, P)
-    lam = DEFAULT_LAM_REL * float(np.median(d))
-    assert sp.params["lam"] == pytest.approx(lam) and sp.params["lam_rel"] == DEFAULT_LAM_REL
+    sp = compute_weights("sparse", t, P, lam_rel=0.1)
+    lam = 0.1 * float(np.median(d))
+    assert sp.params["lam"] == pytest.approx(lam) and sp.params["lam_rel"] == 0.1
     assert sp.params["scale"] == pytest.approx(float(np.median(d)))
     np.testing.assert_array_equal(sp.weights, solve_sparse(P, t, lam).weights)
     assert sp.status.startswith("optimal") and sp.objective is not None
+    # the default: λ = λ_max, the hull projection (no LambdaAtHullWarning: it is asked for)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = compute_weights("sparse", t, P)
+    assert default.params["lam_frac"] == 1.0 and default.params["lam"] == pytest.approx(default.params["lam_max"])
+    np.testing.assert_array_equal(default.weights, hull_projection(P, t).weights)
     np.testing.assert_allclose(compute_weights("sparse", t, P, lam_rel=0.0).weights, lin.weights, atol=1e-10)
     # above λ_max: the projection onto the hull (no negative weight)
     hull = compute_weights("sparse", t, P, lam=1.01 * sp.params["lam_max"] + 1e-12)

@@ -148,6 +148,10 @@ class CatalogBackend(Protocol):
 
     def set_setting(self, key: str, value: str | None) -> None: ...
 
+    def settings(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``: key -> JSON text, sorted by key."""
+        ...
+
     def file_rows(self) -> list[tuple[str, str, str, int]]:
         """Every file row ``(adapter_id, name, sha256, size)`` sorted by adapter id and name."""
         ...
@@ -180,6 +184,10 @@ class BlobBackend(Protocol):
         ...
 
     def exists(self, sha: str, size: int | None = None) -> bool: ...
+
+    def name(self, sha: str) -> str:
+        """Where blob ``sha`` lives (a path or URL), for messages."""
+        ...
 
     def copy_verified(self, sha: str, dst: Path, *, what: str) -> int:
         """Copy a blob to ``dst``, re-hashing it; :class:`~adapterbank.errors.IntegrityError` on damage."""

@@ -135,8 +135,27 @@ class BlobStore:
         self.root = Path(root)
         self.tmp = Path(tmp)
 
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / sha
+
+    def name(self, sha: str) -> str:
+        """Where blob ``sha`` lives, for messages."""
+        return str(self.path(sha))
+
+    def size(self, sha: str) -> int | None:
+        """The size of blob ``sha`` in bytes, or ``None`` if it is absent."""
+        try:
+            return self.path(sha).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def put(self, staged: Path, sha: str, size: int, token: str) -> None:
+        """:meth:`place` (the :class:`~adapterbank.bank.backend.BlobBackend` name; ``size`` is known from staging)."""
+        self.place(staged, sha, token)
 
     def staging(self) -> Staging:
         return Staging(self.tmp)
@@ -265,6 +284,10 @@ class BlobStore:
                             if len(parts) < 4 or not self._token_alive(parts[2]):
                                 out.append(f)
         return out
+
+    def remove_stale(self, p: Path | str) -> None:
+        """Delete one of :meth:`stale_files`."""
+        self.remove_path(Path(p))
 
     def remove_path(self, p: Path) -> None:
         if p.is_dir() and not p.is_symlink():

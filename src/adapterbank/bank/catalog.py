@@ -28,15 +28,21 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import logging
 import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from adapterbank.errors import BankError, ParameterError
+import numpy as np
+
+from adapterbank.bank.backend import CARD_COLUMNS, CardRow, Entry, SpaceMatrix
+from adapterbank.errors import BankError, ConflictError, NonFiniteError, ParameterError
+from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +67,26 @@ def check_lock_timeout(value: object) -> float:
         raise ParameterError(f"The 'lock_timeout' parameter (--lock-timeout) must be a number of seconds >= 0. "
                              f"Got {value!r} instead.")
     return float(value)
+
+
+#: How the "id exists" errors end: the way out.
+REPLACE_HINT = "pass replace=True (--replace on the command line) to replace it"
+
+
+def jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``d`` that JSON can hold (others are dropped), keys as strings.
+
+    >>> jsonable({"a": 1, "b": object()})
+    {'a': 1}
+    """
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        out[str(k)] = v
+    return out
 
 
 def _is_busy(e: sqlite3.OperationalError) -> bool:
@@ -113,8 +139,16 @@ CREATE TABLE IF NOT EXISTS settings (
     value   TEXT NOT NULL,
     updated TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS changes (
+    version    INTEGER NOT NULL,
+    space_key  TEXT NOT NULL,
+    adapter_id TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS changes_space_version ON changes(space_key, version);
 """
-SETTINGS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS settings"):].rstrip().rstrip(";")
+SETTINGS_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS settings"):SCHEMA.index("CREATE TABLE IF NOT EXISTS changes")
+                        ].rstrip().rstrip(";")
+CHANGES_TABLES = [s.strip() for s in SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS changes"):].split(";") if s.strip()]
 
 
 class Catalog:
@@ -309,6 +343,15 @@ class Catalog:
             row = c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def settings(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``: key -> JSON text, sorted by key."""
+        with self.read() as c:
+            if not self.has_settings(c):
+                return {}
+            rows = c.execute("SELECT key, value FROM settings WHERE substr(key, 1, ?) = ? ORDER BY key",
+                             (len(prefix), prefix)).fetchall()
+        return {str(k): str(v) for k, v in rows}
+
     def set_setting(self, key: str, value: str | None) -> None:
         """Store the JSON text ``value`` under ``key`` (``None`` deletes it) in one write transaction that also
         bumps the version; creates the ``settings`` table first in a bank that has none."""
@@ -321,3 +364,219 @@ class Catalog:
                 c.execute("INSERT INTO settings(key, value, updated) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE "
                           "SET value = excluded.value, updated = excluded.updated", (key, value, now))
             self.bump(c)
+
+    # -- the CatalogBackend interface (adapterbank.bank.backend): what Bank calls ---------------------------
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    def _version_in(self, c: sqlite3.Connection) -> int:
+        return int(c.execute("SELECT value FROM meta WHERE key = ?", ("version",)).fetchone()[0])
+
+    def _log_changes(self, c: sqlite3.Connection, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record (space_key, adapter_id) pairs as changed at the version this transaction bumps to.
+
+        A bank created before the change log gets its table here, with ``changes_from`` = the version it
+        starts at (an index persisted before that is rebuilt, not patched)."""
+        pairs = list(pairs)
+        if not pairs:
+            return
+        if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is None:
+            for stmt in CHANGES_TABLES:
+                c.execute(stmt)
+            c.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('changes_from', ?)", (str(self._version_in(c)),))
+        v = self._version_in(c) + 1  # the version bump() will set
+        c.executemany("INSERT INTO changes(version, space_key, adapter_id) VALUES (?, ?, ?)",
+                      [(v, k, i) for k, i in pairs])
+
+    def _spaces_of(self, c: sqlite3.Connection, id: str) -> list[str]:  # noqa: A002
+        return [r[0] for r in c.execute("SELECT space_key FROM prototypes WHERE adapter_id = ?", (id,))]
+
+    def count(self) -> int:
+        with self.read() as c:
+            return int(c.execute("SELECT COUNT(*) FROM adapters").fetchone()[0])
+
+    def has(self, id: str) -> bool:  # noqa: A002
+        with self.read() as c:
+            return c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
+
+    def some_ids(self, limit: int) -> list[str]:
+        with self.read() as c:
+            return [r[0] for r in c.execute("SELECT id FROM adapters ORDER BY id LIMIT ?", (int(limit),))]
+
+    def card(self, id: str) -> CardRow | None:  # noqa: A002
+        with self.read() as c:
+            row = c.execute(f"SELECT {', '.join(CARD_COLUMNS)} FROM adapters WHERE id = ?", (id,)).fetchone()
+            if row is None:
+                return None
+            files = dict(c.execute("SELECT name, sha256 FROM files WHERE adapter_id = ? ORDER BY name", (id,)))
+            spaces = [r[0] for r in c.execute(
+                "SELECT space_key FROM prototypes WHERE adapter_id = ? ORDER BY space_key", (id,))]
+        return CardRow(dict(zip(CARD_COLUMNS, row, strict=True)), files, spaces)
+
+    def cards(self, *, base_model: str | None = None, space_key: str | None = None,
+              ids: Sequence[str] | None = None) -> list[CardRow]:
+        where, params = [], []
+        if base_model is not None:
+            where.append("a.base_model = ?")
+            params.append(base_model)
+        if space_key is not None:
+            where.append("a.id IN (SELECT adapter_id FROM prototypes WHERE space_key = ?)")
+            params.append(space_key)
+        sql = f"SELECT {', '.join('a.' + k for k in CARD_COLUMNS)} FROM adapters a"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        want = None if ids is None else set(ids)
+        with self.read() as c:
+            rows = [r for r in c.execute(sql + " ORDER BY a.id", params) if want is None or r[0] in want]
+            files: dict[str, dict[str, str]] = {}
+            for aid, name, sha in c.execute("SELECT adapter_id, name, sha256 FROM files ORDER BY adapter_id, name"):
+                files.setdefault(aid, {})[name] = sha
+            spaces: dict[str, list[str]] = {}
+            for aid, key in c.execute("SELECT adapter_id, space_key FROM prototypes ORDER BY adapter_id, space_key"):
+                spaces.setdefault(aid, []).append(key)
+        return [CardRow(dict(zip(CARD_COLUMNS, r, strict=True)), files.get(r[0], {}), spaces.get(r[0], []))
+                for r in rows]
+
+    def commit(self, entries: Sequence[Entry], *, replace: bool = False,
+               under_lock: Callable[[], None] | None = None) -> list[bool]:
+        ids = [e.id for e in entries]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise ConflictError(f"One batch adds the same id twice: {dup}.")
+        replaced = []
+        with self.write() as c:
+            for e in entries:
+                exists = c.execute("SELECT 1 FROM adapters WHERE id = ?", (e.id,)).fetchone() is not None
+                if exists and not replace:
+                    raise ConflictError(f"The bank already has an adapter with id {e.id!r} (added concurrently); "
+                                        f"{REPLACE_HINT}.")
+                replaced.append(exists)
+            if under_lock is not None:
+                under_lock()
+            changed: list[tuple[str, str]] = []
+            for e, exists in zip(entries, replaced, strict=True):
+                if exists:
+                    changed += [(k, e.id) for k in self._spaces_of(c, e.id)]
+                    c.execute("DELETE FROM adapters WHERE id = ?", (e.id,))
+                c.execute(f"INSERT INTO adapters({', '.join(CARD_COLUMNS)}) VALUES ({', '.join('?' * len(CARD_COLUMNS))})",
+                          [e.row[k] for k in CARD_COLUMNS])
+                c.executemany("INSERT INTO files(adapter_id, name, sha256, size) VALUES (?, ?, ?, ?)",
+                              [(e.id, name, sha, size) for name, sha, size in e.files])
+                for p in e.prototypes:
+                    self._insert_prototype(c, e.id, p)
+                    changed.append((p.space.key, e.id))
+            self._log_changes(c, changed)
+            self.bump(c)
+        return replaced
+
+    @staticmethod
+    def _insert_prototype(c: sqlite3.Connection, id: str, p: Prototype) -> None:  # noqa: A002
+        vec = np.ascontiguousarray(p.vector, dtype="<f4")
+        if not np.isfinite(vec).all():
+            raise NonFiniteError(f"The prototype of {id!r} contains NaN or Inf.")
+        c.execute(
+            "INSERT OR REPLACE INTO prototypes(adapter_id, space_key, space, dim, vector, n_samples, source, extra) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, p.space.key, json.dumps(p.space.to_dict(), sort_keys=True), p.dim, vec.tobytes(),
+             int(p.n_samples), p.source, json.dumps(jsonable(p.extra), sort_keys=True)),
+        )
+
+    def remove(self, id: str) -> bool:  # noqa: A002
+        with self.write() as c:
+            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
+                return False
+            self._log_changes(c, [(k, id) for k in self._spaces_of(c, id)])
+            c.execute("DELETE FROM adapters WHERE id = ?", (id,))
+            self.bump(c)
+        return True
+
+    def set_prototype(self, id: str, prototype: Prototype) -> bool:  # noqa: A002
+        with self.write() as c:
+            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
+                return False
+            self._insert_prototype(c, id, prototype)
+            self._log_changes(c, [(prototype.space.key, id)])
+            self.bump(c)
+        return True
+
+    def prototypes(self, id: str) -> list[Prototype]:  # noqa: A002
+        with self.read() as c:
+            rows = c.execute("SELECT space, vector, n_samples, source, extra FROM prototypes WHERE adapter_id = ? "
+                             "ORDER BY space_key", (id,)).fetchall()
+        return [Prototype(np.frombuffer(vec, dtype="<f4").astype(np.float32), PrototypeSpace.from_dict(json.loads(sp)),
+                          int(n), src or "", json.loads(extra)) for sp, vec, n, src, extra in rows]
+
+    def spaces(self) -> dict[str, PrototypeSpace]:
+        with self.read() as c:
+            keys = [r[0] for r in c.execute("SELECT DISTINCT space_key FROM prototypes ORDER BY space_key")]
+            return {key: PrototypeSpace.from_dict(json.loads(c.execute(
+                "SELECT space FROM prototypes WHERE space_key = ? LIMIT 1", (key,)).fetchone()[0])) for key in keys}
+
+    def _matrix(self, c: sqlite3.Connection, space_key: str, ids: Sequence[str] | None) -> SpaceMatrix:
+        version = self._version_in(c)
+        sql = ("SELECT p.adapter_id, p.vector, p.dim, a.base_model, a.tags FROM prototypes p "
+               "JOIN adapters a ON a.id = p.adapter_id WHERE p.space_key = ?")
+        if ids is None:
+            rows = c.execute(sql + " ORDER BY p.adapter_id", (space_key,)).fetchall()
+        else:
+            rows = []
+            uniq = sorted(set(ids))
+            for i in range(0, len(uniq), 500):
+                chunk = uniq[i:i + 500]
+                rows += c.execute(sql + f" AND p.adapter_id IN ({', '.join('?' * len(chunk))}) ORDER BY p.adapter_id",
+                                  (space_key, *chunk)).fetchall()
+        dims = {r[2] for r in rows}
+        if len(dims) > 1:
+            raise BankError(f"Prototypes in space {space_key!r} have different dims {sorted(dims)}: the catalog "
+                            f"{self.path} is damaged.")
+        d = dims.pop() if dims else 0
+        X = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d) if rows else \
+            np.zeros((0, d), np.float32)
+        return SpaceMatrix(version, [r[0] for r in rows], X,
+                           [{"base_model": r[3], "tags": json.loads(r[4])} for r in rows])
+
+    def space_matrix(self, space_key: str) -> SpaceMatrix:
+        with self.read() as c:
+            return self._matrix(c, space_key, None)
+
+    def vectors(self, space_key: str, ids: Sequence[str]) -> SpaceMatrix:
+        with self.read() as c:
+            return self._matrix(c, space_key, ids)
+
+    def changes_since(self, space_key: str, version: int) -> list[str] | None:
+        with self.read() as c:
+            if c.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone() is None:
+                return None
+            row = c.execute("SELECT value FROM meta WHERE key = 'changes_from'").fetchone()
+            if int(version) < (int(row[0]) if row else 0) or int(version) > self._version_in(c):
+                return None
+            return [r[0] for r in c.execute("SELECT DISTINCT adapter_id FROM changes WHERE space_key = ? AND "
+                                            "version > ? ORDER BY adapter_id", (space_key, int(version)))]
+
+    def file_rows(self) -> list[tuple[str, str, str, int]]:
+        with self.read() as c:
+            return [tuple(r) for r in c.execute(  # type: ignore[misc]
+                "SELECT adapter_id, name, sha256, size FROM files ORDER BY adapter_id, name")]
+
+    def integrity_problems(self) -> list[str]:
+        with self.read() as c:
+            ic = [r[0] for r in c.execute("PRAGMA quick_check").fetchall()]
+            no_files = [r[0] for r in c.execute(
+                "SELECT id FROM adapters WHERE id NOT IN (SELECT adapter_id FROM files) ORDER BY id")]
+            bad_protos = c.execute(
+                "SELECT adapter_id, space_key, dim, length(vector) FROM prototypes WHERE length(vector) != 4 * dim"
+            ).fetchall()
+        problems = [] if ic == ["ok"] else [f"catalog {self.path}: sqlite quick_check says {ic[:5]}"]
+        problems += [f"adapter {a!r} has no files" for a in no_files]
+        problems += [f"prototype of {a!r} in {s!r}: {n} bytes for dim {d}" for a, s, d, n in bad_protos]
+        return problems
+
+    def collect_garbage(self, delete_unused: Callable[[set[str]], int]) -> int:
+        with self.write() as c:
+            used = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM files")}
+            return delete_unused(used)
+
+    def search(self, space_key: str, query: np.ndarray, k: int, where: Mapping[str, Any] | None) -> None:
+        """The embedded catalog does not search: the bank uses its own index (``None``)."""
+        return None

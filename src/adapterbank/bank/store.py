@@ -24,8 +24,8 @@ import builtins
 import datetime as _dt
 import json
 import logging
+import os
 import re
-import sqlite3
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -46,8 +46,9 @@ from adapterbank._io import (
 )
 from adapterbank._validation import MAX_K, check_k
 from adapterbank._versions import versions
+from adapterbank.bank.backend import CARD_COLUMNS, BlobBackend, CardRow, CatalogBackend, Entry
 from adapterbank.bank.blobs import BlobStore, Staging
-from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, Catalog
+from adapterbank.bank.catalog import CATALOG, DEFAULT_LOCK_TIMEOUT, FORMAT_VERSION, REPLACE_HINT, Catalog, jsonable
 from adapterbank.bank.index import Hit, Index, NumpyIndex
 from adapterbank.errors import (
     AdapterbankError,
@@ -69,17 +70,40 @@ from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION"]
+__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION", "is_url", "redact_url"]
+
+#: The environment variable naming the blob store (an fsspec URL) of a new server bank.
+BLOBS_ENV = "ADAPTERBANK_BLOBS"
+BLOBS_SETTING = "storage.blobs"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether a bank argument is a URL (server backend) rather than a folder.
+
+    >>> is_url("postgresql://me@db/adapters"), is_url("./bank"), is_url(Path("bank"))
+    (True, False, False)
+    """
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages.
+
+    >>> redact_url("postgresql://me:secret@db:5432/adapters")
+    'postgresql://me:***@db:5432/adapters'
+    """
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 BLOBS = "blobs"
 TMP = "tmp"
+#: Settings key prefix of the encoder spec of each prototype space (Bank.remember_encoder).
+ENCODER_SETTING = "encoder:"
+LEGACY_ENCODERS_FILE = "encoders.json"
 MAX_TAGS = 64
 MAX_TAG_LEN = 100
 MAX_TEXT_LEN = 100_000
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
-REPLACE_HINT = "pass replace=True (--replace on the command line) to replace it"
-_CARD_COLUMNS = ("id", "base_model", "format", "rank", "ranks", "targets", "source", "description", "license",
-                 "tags", "created", "versions", "extra")
 
 
 @dataclass(frozen=True)
@@ -172,22 +196,11 @@ def _check_rel_name(name: str, where: str) -> str:
     return "/".join(parts)
 
 
-def _card_from_row(row: Sequence[Any], files: dict[str, str], spaces: list[str]) -> Card:
-    r = dict(zip(_CARD_COLUMNS, row, strict=True))
+def _card(cr: CardRow) -> Card:
+    r = {k: cr.row[k] for k in CARD_COLUMNS}
     for k in ("ranks", "targets", "tags", "versions", "extra"):
         r[k] = json.loads(r[k])
-    return Card(**r, files=files, prototype_spaces=spaces)
-
-
-def _jsonable(d: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            continue
-        out[str(k)] = v
-    return out
+    return Card(**r, files=dict(cr.files), prototype_spaces=list(cr.spaces))
 
 
 class Bank:
@@ -209,22 +222,31 @@ class Bank:
     #: The :class:`~adapterbank.bank.index.Index` built per prototype space (swap in an ANN backend here).
     index_factory: Callable[[], Index] = NumpyIndex
 
-    def __init__(self, root: Path, catalog: Catalog) -> None:
+    def __init__(self, root: Path | str, catalog: CatalogBackend, blobs: BlobBackend | None = None) -> None:
+        #: The bank's folder (embedded) or its catalog URL without the password (server backend).
         self.root = root
         self._cat = catalog
-        self._blobs = BlobStore(root / BLOBS, root / TMP)
+        self._blobs: Any = blobs if blobs is not None else BlobStore(Path(root) / BLOBS, Path(root) / TMP)
         self._indexes: dict[str, tuple[int, Index]] = {}
         self._spaces_cache: tuple[int, dict[str, PrototypeSpace]] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Create an empty bank in ``path`` (a new or empty directory). ``lock_timeout``: see :meth:`open`.
+    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Create an empty bank in ``path``: a new or empty directory (embedded backend), or a
+        ``postgresql://`` URL (server backend: catalog and prototypes in PostgreSQL + pgvector, blobs at the
+        fsspec URL ``blobs``, default ``$ADAPTERBANK_BLOBS``, recorded in the catalog). ``lock_timeout``: see
+        :meth:`open`.
 
         >>> import tempfile
         >>> Bank.init(tempfile.mkdtemp()).list()
         []
         """
+        if is_url(path):
+            return cls._server(str(path), create=True, blobs=blobs, lock_timeout=lock_timeout)
+        if blobs is not None:
+            raise ParameterError("blobs= is for the server backend (a postgresql:// bank); an embedded bank keeps its "
+                                 f"blobs in {Path(path) / BLOBS}.")
         root = Path(path)
         if (root / CATALOG).exists():
             raise BankError(f"{root} is already a bank; open it with Bank.open.")
@@ -239,8 +261,10 @@ class Bank:
         return cls(root, cat)
 
     @classmethod
-    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Open an existing bank; :class:`BankError` if it is missing, not a bank or of a newer format.
+    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Open an existing bank (a folder or a ``postgresql://`` URL); :class:`BankError` if it is missing, not a
+        bank or of a newer format. A server bank's blobs are at the URL recorded by :meth:`init` (``blobs=``
+        overrides it, e.g. another endpoint of the same bucket).
 
         ``lock_timeout``: how many seconds a write (add, remove, gc, ...) waits while another process is
         writing to the bank (a warning is logged after one second) before it fails with :class:`BankError`.
@@ -251,6 +275,8 @@ class Bank:
         ...
         adapterbank.errors.BankError: ... is not a bank: it has no catalog.sqlite.
         """
+        if is_url(path):
+            return cls._server(str(path), create=False, blobs=blobs, lock_timeout=lock_timeout)
         root = Path(path)
         if not root.is_dir():
             raise BankError(f"No bank at {root}: the directory does not exist.")
@@ -262,6 +288,38 @@ class Bank:
                 with writing(root, what="to the bank", nothing="the bank was not opened"):
                     (root / sub).mkdir(exist_ok=True)
         return bank
+
+    @classmethod
+    def _server(cls, url: str, *, create: bool, blobs: str | None, lock_timeout: float) -> Bank:
+        """The server backend: :class:`~adapterbank.bank.pg.PgCatalog` + :class:`~adapterbank.bank.remote_blobs.FsspecBlobStore`."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise BankError(f"Unknown bank URL scheme {scheme!r} in {redact_url(url)}: a bank is a folder (embedded) or "
+                            "a postgresql:// URL (server backend).")
+        try:
+            from adapterbank.bank.pg import PgCatalog
+            from adapterbank.bank.remote_blobs import FsspecBlobStore
+        except ImportError as e:
+            raise BankError(f"The server backend ({redact_url(url)}) needs the 'server' extra: "
+                            f"pip install 'adapterbank[server]' ({e}).") from None
+        if create:
+            blobs = blobs or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                raise BankError(f"Where should the weights of {redact_url(url)} live? Set {BLOBS_ENV} to an fsspec URL "
+                                f"(e.g. s3://bucket/adapterbank; S3 credentials and endpoint from the usual AWS_* "
+                                f"variables) or pass blobs=.")
+            store = FsspecBlobStore(blobs)  # fails on a bad URL before the catalog is created
+            cat = PgCatalog.create(url, lock_timeout=lock_timeout)
+            cat.set_setting(BLOBS_SETTING, json.dumps(blobs))
+        else:
+            cat = PgCatalog.open(url, lock_timeout=lock_timeout)
+            recorded = cat.get_setting(BLOBS_SETTING)
+            blobs = blobs or (json.loads(recorded) if recorded else None) or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                cat.close()
+                raise BankError(f"The bank {redact_url(url)} records no blob store; set {BLOBS_ENV} or pass blobs=.")
+            store = FsspecBlobStore(blobs)
+        return cls(cat.location, cat, store)
 
     def close(self) -> None:
         self._cat.close()
@@ -276,19 +334,20 @@ class Bank:
         return f"Bank({str(self.root)!r})"
 
     @property
+    def blobs_location(self) -> str:
+        """Where the blobs are: ``<bank>/blobs`` or the object-store URL."""
+        return self._blobs.location
+
+    @property
     def version(self) -> int:
         """The catalog version: increases with every committed write, by any process."""
         return self._cat.version()
 
     def __len__(self) -> int:
-        with self._cat.lock:
-            return int(self._cat.conn.execute("SELECT COUNT(*) FROM adapters").fetchone()[0])
+        return self._cat.count()
 
     def __contains__(self, id: object) -> bool:  # noqa: A002
-        if not isinstance(id, str):
-            return False
-        with self._cat.lock:
-            return self._cat.conn.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
+        return isinstance(id, str) and self._cat.has(id)
 
     # -- adding -----------------------------------------------------------------------------------
     def add(
@@ -351,7 +410,7 @@ class Bank:
             else:
                 fmt, layout, staged, adapter = self._stage_path(st, src_path, format, allow_pickle)
             converted = adapter.metadata.pop("converted_from", None) is not None
-            extra: dict[str, Any] = {"layout": layout, "metadata": _jsonable(adapter.metadata)}
+            extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
             if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
                 # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
                 bm_conv = self._resolve_base_model(adapter.base_model, base_model, src_path)
@@ -372,31 +431,28 @@ class Bank:
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "versions": json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
             }
-            # Blobs get their final names first (outside the lock), then one transaction commits the entry.
-            for p, sha, _size in staged.values():
-                self._blobs.place(p, sha, st.token)
-            with self._cat.write() as c:
-                exists = c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is not None
-                if exists and not replace:
-                    raise ConflictError(
-                        f"The bank already has an adapter with id {id!r} (added concurrently); {REPLACE_HINT}."
-                    )
-                for p, sha, size in staged.values():  # a concurrent gc may have removed a blob we placed
-                    if not self._blobs.exists(sha, size):
-                        self._blobs.place(p, sha, st.token)
-                if exists:
-                    c.execute("DELETE FROM adapters WHERE id = ?", (id,))
-                c.execute(f"INSERT INTO adapters({', '.join(_CARD_COLUMNS)}) VALUES ({', '.join('?' * 13)})",
-                          [row[k] for k in _CARD_COLUMNS])
-                c.executemany("INSERT INTO files(adapter_id, name, sha256, size) VALUES (?, ?, ?, ?)",
-                              [(id, rel, sha, size) for rel, (_, sha, size) in staged.items()])
-                if prototype is not None:
-                    self._insert_prototype(c, id, prototype)
-                self._cat.bump(c)
+            entry = Entry(row, [(rel, sha, size) for rel, (_, sha, size) in staged.items()],
+                          [] if prototype is None else [prototype])
+            exists, = self._commit(st, [(entry, staged)], replace=replace)
         log.info("added %s (%s, base %s, rank %d, %d files)", id, fmt, bm, row["rank"], len(staged))
         if exists:
             self._delete_unreferenced()
         return self.get(id)
+
+    def _commit(self, st: Staging, batch: Sequence[tuple[Entry, Mapping[str, tuple[Path, str, int]]]], *,
+                replace: bool) -> builtins.list[bool]:
+        """Give the staged blobs their final names (outside the writer lock), then commit the entries in one
+        transaction that first re-checks the blobs (a concurrent gc may have removed one placed here)."""
+        blobs = {sha: (p, size) for _, staged in batch for p, sha, size in staged.values()}
+        for sha, (p, size) in blobs.items():
+            self._blobs.put(p, sha, size, st.token)
+
+        def recheck() -> None:
+            for sha, (p, size) in blobs.items():
+                if not self._blobs.exists(sha, size):
+                    self._blobs.put(p, sha, size, st.token)
+
+        return self._cat.commit([e for e, _ in batch], replace=replace, under_lock=recheck)
 
     @staticmethod
     def _stage_path(st: Staging, src: Path, format: str | None,  # noqa: A002
@@ -459,33 +515,17 @@ class Bank:
             )
         return given if given is not None else (from_adapter or None)
 
-    @staticmethod
-    def _insert_prototype(c: sqlite3.Connection, id: str, p: Prototype) -> None:  # noqa: A002
-        vec = np.ascontiguousarray(p.vector, dtype="<f4")
-        if not np.isfinite(vec).all():
-            raise NonFiniteError(f"The prototype of {id!r} contains NaN or Inf.")
-        c.execute(
-            "INSERT OR REPLACE INTO prototypes(adapter_id, space_key, space, dim, vector, n_samples, source, extra) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (id, p.space.key, json.dumps(p.space.to_dict(), sort_keys=True), p.dim, vec.tobytes(),
-             int(p.n_samples), p.source, json.dumps(_jsonable(p.extra), sort_keys=True)),
-        )
 
     # -- reading cards ----------------------------------------------------------------------------
     def get(self, id: str) -> Card:  # noqa: A002
         """The card of adapter ``id``; :class:`UnknownNameError` if there is none."""
-        with self._cat.read() as c:
-            row = c.execute(f"SELECT {', '.join(_CARD_COLUMNS)} FROM adapters WHERE id = ?", (id,)).fetchone()
-            if row is None:
-                raise self._unknown(c, id)
-            files = dict(c.execute("SELECT name, sha256 FROM files WHERE adapter_id = ? ORDER BY name", (id,)))
-            spaces = [r[0] for r in c.execute(
-                "SELECT space_key FROM prototypes WHERE adapter_id = ? ORDER BY space_key", (id,))]
-        return _card_from_row(row, files, spaces)
+        cr = self._cat.card(id) if isinstance(id, str) else None
+        if cr is None:
+            raise self._unknown(id)
+        return _card(cr)
 
-    @staticmethod
-    def _unknown(c: sqlite3.Connection, id: object) -> UnknownNameError:  # noqa: A002
-        ids = [r[0] for r in c.execute("SELECT id FROM adapters ORDER BY id LIMIT 21")]
+    def _unknown(self, id: object) -> UnknownNameError:  # noqa: A002
+        ids = self._cat.some_ids(21)
         more = ", ..." if len(ids) > 20 else ""
         return UnknownNameError(f"No adapter with id {id!r} in the bank; it has {ids[:20]}{more}.")
 
@@ -500,47 +540,25 @@ class Bank:
         >>> Bank.init(tempfile.mkdtemp()).list(base_model="x' OR 1=1 --")
         []
         """
-        where, params = [], []
-        if base_model is not None:
-            where.append("a.base_model = ?")
-            params.append(base_model)
-        if space is not None:
-            where.append("a.id IN (SELECT adapter_id FROM prototypes WHERE space_key = ?)")
-            params.append(space.key if isinstance(space, PrototypeSpace) else str(space))
-        sql = f"SELECT {', '.join('a.' + k for k in _CARD_COLUMNS)} FROM adapters a"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
         want = set(_check_tags(tags)) if tags else set()
-        with self._cat.read() as c:
-            rows = c.execute(sql + " ORDER BY a.id", params).fetchall()
-            files: dict[str, dict[str, str]] = {}
-            for aid, name, sha in c.execute("SELECT adapter_id, name, sha256 FROM files ORDER BY adapter_id, name"):
-                files.setdefault(aid, {})[name] = sha
-            spaces: dict[str, builtins.list[str]] = {}
-            for aid, key in c.execute("SELECT adapter_id, space_key FROM prototypes ORDER BY adapter_id, space_key"):
-                spaces.setdefault(aid, []).append(key)
-        cards = [_card_from_row(r, files.get(r[0], {}), spaces.get(r[0], [])) for r in rows]
+        cards = [_card(cr) for cr in self._cat.cards(
+            base_model=base_model, space_key=None if space is None else
+            space.key if isinstance(space, PrototypeSpace) else str(space))]
         return [cd for cd in cards if want <= set(cd.tags)]
 
     def remove(self, id: str) -> None:  # noqa: A002
         """Delete adapter ``id`` (card, files, prototypes) and the blobs no other adapter uses."""
-        with self._cat.write() as c:
-            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
-                raise self._unknown(c, id)
-            c.execute("DELETE FROM adapters WHERE id = ?", (id,))
-            self._cat.bump(c)
+        if not self._cat.remove(id):
+            raise self._unknown(id)
         log.info("removed %s", id)
         self._delete_unreferenced()
 
     def _delete_unreferenced(self) -> int:
         """Delete blobs no file row points at, under the write lock (so no add can be committing them)."""
-        n = 0
-        with self._cat.write() as c:
-            used = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM files")}
-            for sha in builtins.list(self._blobs.iter_blobs()):
-                if sha not in used and self._blobs.delete(sha):
-                    n += 1
-        return n
+        def delete_unused(used: set[str]) -> int:
+            return sum(1 for sha in builtins.list(self._blobs.iter_blobs()) if sha not in used and self._blobs.delete(sha))
+
+        return self._cat.collect_garbage(delete_unused)
 
     # -- adapters out -----------------------------------------------------------------------------
     def _copy_files(self, card: Card, dst: Path) -> None:
@@ -622,39 +640,31 @@ class Bank:
         """Attach ``prototype`` to adapter ``id`` (replacing its prototype in the same space)."""
         if not isinstance(prototype, Prototype):
             raise FormatError(f"set_prototype needs a Prototype. Got {type(prototype).__name__} instead.")
-        with self._cat.write() as c:
-            if c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
-                raise self._unknown(c, id)
-            self._insert_prototype(c, id, prototype)
-            self._cat.bump(c)
+        if not self._cat.set_prototype(id, prototype):
+            raise self._unknown(id)
 
     def get_prototype(self, id: str, space: PrototypeSpace | str | None = None) -> Prototype:  # noqa: A002
         """The prototype of ``id`` in ``space`` (``None``: its only prototype)."""
         key = space.key if isinstance(space, PrototypeSpace) else space
-        with self._cat.read() as c:
-            rows = c.execute(
-                "SELECT space_key, space, vector, n_samples, source, extra FROM prototypes WHERE adapter_id = ? "
-                "ORDER BY space_key", (id,)).fetchall()
-            if not rows and c.execute("SELECT 1 FROM adapters WHERE id = ?", (id,)).fetchone() is None:
-                raise self._unknown(c, id)
+        protos = self._cat.prototypes(id)
+        if not protos and id not in self:
+            raise self._unknown(id)
         if key is not None:
-            rows = [r for r in rows if r[0] == key]
-        if not rows:
+            protos = [p for p in protos if p.space.key == key]
+        if not protos:
             raise UnknownNameError(f"Adapter {id!r} has no prototype" + (f" in space {key!r}." if key else "."))
-        if len(rows) > 1:
+        if len(protos) > 1:
             raise PrototypeSpaceError(
-                f"Adapter {id!r} has prototypes in several spaces {[r[0] for r in rows]}; pass space=."
+                f"Adapter {id!r} has prototypes in several spaces {[p.space.key for p in protos]}; pass space=."
             )
-        _, sp, vec, n, src, extra = rows[0]
-        return Prototype(np.frombuffer(vec, dtype="<f4").astype(np.float32), PrototypeSpace.from_dict(json.loads(sp)),
-                         int(n), src or "", json.loads(extra))
+        return protos[0]
 
     # -- settings ---------------------------------------------------------------------------------
     @staticmethod
     def _check_setting_key(key: object) -> str:
-        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+        if not isinstance(key, str) or not key.strip() or len(key) > 1000:
             raise ParameterError(f"The 'key' parameter of Bank.set_setting/get_setting must be a non-empty string of "
-                                 f"at most 200 characters (e.g. 'compose.auto'). Got {key!r} instead.")
+                                 f"at most 1000 characters (e.g. 'compose.auto'). Got {key!r} instead.")
         return key
 
     def set_setting(self, key: str, value: Any) -> None:
@@ -682,6 +692,38 @@ class Bank:
         text = self._cat.get_setting(self._check_setting_key(key))
         return default if text is None else json.loads(text)
 
+    def remember_encoder(self, space_key: str, spec: str) -> None:
+        """Record that the prototypes of ``space_key`` are made by the encoder ``spec`` (what ``--encoder`` was),
+        so later commands default to it. One setting per space (``encoder:<space key>``) in the catalog, so
+        concurrent writers of different spaces never lose each other's record and the server backend keeps it.
+
+        >>> import tempfile
+        >>> bank = Bank.init(tempfile.mkdtemp())
+        >>> bank.remember_encoder("minilm@r1|mean|l2|384", "default")
+        >>> bank.encoders()
+        {'minilm@r1|mean|l2|384': 'default'}
+        """
+        if not isinstance(spec, str) or not spec:
+            raise ParameterError(f"remember_encoder: the encoder spec must be a non-empty string. Got {spec!r}.")
+        if self.encoders().get(space_key) != spec:
+            self.set_setting(ENCODER_SETTING + space_key, spec)
+
+    def encoders(self) -> dict[str, str]:
+        """space key -> encoder spec, as recorded by :meth:`remember_encoder`. Banks written before this was kept in
+        the catalog have it in ``<bank>/encoders.json`` (written by the CLI); that file is still read, the catalog
+        wins."""
+        out: dict[str, str] = {}
+        legacy = Path(self.root) / LEGACY_ENCODERS_FILE if isinstance(self.root, Path) else None
+        if legacy is not None and legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text())
+            except (OSError, ValueError) as e:
+                raise BankError(f"{legacy}: cannot read the recorded encoders ({e}); delete the file and pass "
+                                f"--encoder.") from None
+            out.update({str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {})
+        out.update({k[len(ENCODER_SETTING):]: json.loads(v) for k, v in self._cat.settings(ENCODER_SETTING).items()})
+        return dict(sorted(out.items()))
+
     def spaces(self) -> builtins.list[PrototypeSpace]:
         """The prototype spaces present in the bank, sorted by key."""
         return builtins.list(self._space_map().values())
@@ -691,13 +733,8 @@ class Bank:
         cached = self._spaces_cache
         if cached is not None and cached[0] == self._cat.version():  # the hot path: one tiny SELECT
             return cached[1]
-        with self._cat.read() as c:
-            version = int(c.execute("SELECT value FROM meta WHERE key = ?", ("version",)).fetchone()[0])
-            keys = [r[0] for r in c.execute("SELECT DISTINCT space_key FROM prototypes ORDER BY space_key")]
-            out = {}
-            for key in keys:
-                sp = c.execute("SELECT space FROM prototypes WHERE space_key = ? LIMIT 1", (key,)).fetchone()[0]
-                out[key] = PrototypeSpace.from_dict(json.loads(sp))
+        version = self._cat.version()
+        out = self._cat.spaces()  # a write in between only makes the next call reload
         self._spaces_cache = (version, out)
         return out
 
@@ -731,22 +768,11 @@ class Bank:
         cached = self._indexes.get(key)
         if cached is not None and cached[0] == self._cat.version():  # the hot path: one tiny SELECT
             return cached[1]
-        with self._cat.read() as c:
-            version = int(c.execute("SELECT value FROM meta WHERE key = ?", ("version",)).fetchone()[0])
-            rows = c.execute(
-                "SELECT p.adapter_id, p.vector, p.dim, a.base_model, a.tags FROM prototypes p "
-                "JOIN adapters a ON a.id = p.adapter_id WHERE p.space_key = ? ORDER BY p.adapter_id", (key,),
-            ).fetchall()
-        dims = {r[2] for r in rows}
-        if len(dims) > 1:
-            raise BankError(f"Prototypes in space {key!r} have different dims {sorted(dims)}: the catalog is damaged.")
-        d = dims.pop() if dims else 0
-        X = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), d) if rows else \
-            np.zeros((0, d), np.float32)
+        m = self._cat.space_matrix(key)
         idx = self.index_factory()
-        idx.build([r[0] for r in rows], X, [{"base_model": r[3], "tags": json.loads(r[4])} for r in rows])
-        self._indexes[key] = (version, idx)
-        log.debug("built index for space %s: %d rows (catalog version %d)", key, len(rows), version)
+        idx.build(m.ids, m.vectors, m.attrs)
+        self._indexes[key] = (m.version, idx)
+        log.debug("built index for space %s: %d rows (catalog version %d)", key, len(m.ids), m.version)
         return idx
 
     def search(
@@ -779,15 +805,17 @@ class Bank:
         key = self._resolve_space(query, space)
         if key is None:
             return []
-        idx = self.index(key)
-        if idx.dim is not None and vec.shape[0] != idx.dim:
-            raise ShapeMismatchError(f"The query has dim {vec.shape[0]} but space {key!r} has dim {idx.dim}.")
         where: dict[str, Any] = {}
         if base_model is not None:
             where["base_model"] = base_model
         if tags:
             where["tags"] = _check_tags(tags)
-        hits = idx.search(vec, min(k + len(excl), max(len(idx), 1), MAX_K), where=where or None)
+        hits = self._cat.search(key, vec, min(k + len(excl), MAX_K), where or None)  # the engine's own search
+        if hits is None:
+            idx = self.index(key)
+            if idx.dim is not None and vec.shape[0] != idx.dim:
+                raise ShapeMismatchError(f"The query has dim {vec.shape[0]} but space {key!r} has dim {idx.dim}.")
+            hits = idx.search(vec, min(k + len(excl), max(len(idx), 1), MAX_K), where=where or None)
         out = [h for h in hits if h.id not in excl][:k]
         if len(out) < k:
             warnings.warn(f"k={k} but only {len(out)} adapter(s) in space {key!r} match the filters; used {len(out)}.",
@@ -797,19 +825,8 @@ class Bank:
     # -- integrity --------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
         """Re-hash every blob, check every row points at an intact blob, list orphans and temp leftovers."""
-        problems: list[str] = []
-        with self._cat.read() as c:
-            ic = c.execute("PRAGMA quick_check").fetchall()
-            rows = c.execute("SELECT adapter_id, name, sha256, size FROM files ORDER BY adapter_id, name").fetchall()
-            no_files = [r[0] for r in c.execute(
-                "SELECT id FROM adapters WHERE id NOT IN (SELECT adapter_id FROM files) ORDER BY id")]
-            bad_protos = c.execute(
-                "SELECT adapter_id, space_key, dim, length(vector) FROM prototypes WHERE length(vector) != 4 * dim"
-            ).fetchall()
-        if [r[0] for r in ic] != ["ok"]:
-            problems.append(f"catalog {self._cat.path}: sqlite quick_check says {[r[0] for r in ic][:5]}")
-        problems += [f"adapter {a!r} has no files" for a in no_files]
-        problems += [f"prototype of {a!r} in {s!r}: {n} bytes for dim {d}" for a, s, d, n in bad_protos]
+        problems = self._cat.integrity_problems()
+        rows = self._cat.file_rows()
         by_sha: dict[str, builtins.list[str]] = {}
         sizes: dict[str, int] = {}
         for aid, name, sha, size in rows:
@@ -817,11 +834,11 @@ class Bank:
             sizes[sha] = size
         for sha, users in sorted(by_sha.items()):
             damage = self._blobs.check(sha)
-            if damage is None and self._blobs.path(sha).stat().st_size != sizes[sha]:
+            if damage is None and self._blobs.size(sha) != sizes[sha]:
                 damage = f"blob {sha} has the wrong size"
             if damage:
                 problems.append(f"{damage}; used by {users}")
-        orphans = [str(self._blobs.path(s)) for s in self._blobs.iter_blobs() if s not in by_sha]
+        orphans = [self._blobs.name(s) for s in self._blobs.iter_blobs() if s not in by_sha]
         orphans += [str(p) for p in self._blobs.stale_files()]
         for p in problems:
             log.warning("verify %s: %s", self.root, p)
@@ -831,7 +848,7 @@ class Bank:
         """Delete orphan blobs and crashed writers' temp files; return how many were removed."""
         n = self._delete_unreferenced()
         for p in self._blobs.stale_files():
-            self._blobs.remove_path(p)
+            self._blobs.remove_stale(p)
             n += 1
         if n:
             log.info("gc %s: removed %d orphan blobs / temp files", self.root, n)
