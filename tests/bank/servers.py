@@ -64,6 +64,7 @@ class PgServer:
             import pgserver
         self._pgserver = pgserver
         self.pgdata = Path(root) / "pgdata"
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self.server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
         self.base_url = self.server.get_uri()
         import psycopg
@@ -271,7 +272,7 @@ def s3_url(s3_server: S3Server) -> str:
 
 
 # -- test data -------------------------------------------------------------------------------------------
-def make_entry(id: str, vector: Any = None, *, space: Any = None, base_model: str | None = "base-a",  # noqa: A002
+def make_entry(id: str, vector: Any = None, *, space: Any = None, base_model: str | None = "base-a",
                tags: tuple[str, ...] = (), files: tuple[tuple[str, str, int], ...] | None = None) -> Any:
     """An :class:`~adapterbank.bank.backend.Entry` as the Bank builds it (card row with JSON text fields)."""
     import json

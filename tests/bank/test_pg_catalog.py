@@ -4,7 +4,6 @@ force, HNSW recall, filters, the writer lock, conflicts between connections, and
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import threading
 import time
@@ -35,12 +34,12 @@ pytest.importorskip("psycopg", reason="the server extra is not installed: pip in
 pytest.importorskip("pgvector", reason="the server extra is not installed: pip install 'adapterbank[server]'")
 pytest.importorskip("pgserver", reason="the server extra is not installed: pip install 'adapterbank[server]'")
 
-import psycopg  # noqa: E402
+import psycopg
 
-from adapterbank.bank.index import NumpyIndex  # noqa: E402
-from adapterbank.bank.pg import PgCatalog, _space_index_name  # noqa: E402
-from adapterbank.errors import BankError, ConflictError, ShapeMismatchError  # noqa: E402
-from adapterbank.prototypes.space import PrototypeSpace  # noqa: E402
+from adapterbank.bank.index import NumpyIndex
+from adapterbank.bank.pg import PgCatalog, _space_index_name
+from adapterbank.errors import BankError, ConflictError, ShapeMismatchError
+from adapterbank.prototypes.space import PrototypeSpace
 
 SPACE = PrototypeSpace("enc", "r1", "mean", False, 16)
 BASES = ("base-a", "base-b", "base-c")

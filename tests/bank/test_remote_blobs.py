@@ -33,10 +33,10 @@ s3_url = servers.s3_url
 pytest.importorskip("s3fs", reason="the server extra is not installed: pip install 'adapterbank[server]'")
 pytest.importorskip("moto", reason="the server extra is not installed: pip install 'adapterbank[server]'")
 
-import s3fs  # noqa: E402
+import s3fs
 
-from adapterbank.bank.remote_blobs import FsspecBlobStore  # noqa: E402
-from adapterbank.errors import BankError, IntegrityError  # noqa: E402
+from adapterbank.bank.remote_blobs import FsspecBlobStore
+from adapterbank.errors import BankError, IntegrityError
 
 MB = 1 << 20
 

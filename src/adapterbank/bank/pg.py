@@ -12,6 +12,9 @@ URL puts a bank in its own schema; one database may hold several banks that way)
 | settings   | key                     | a JSON value and when it was written |
 | changes    | (version, space_key, adapter_id) | which prototypes each write changed (for :meth:`PgCatalog.changes_since`) |
 
+Text keys (ids, file names, space keys, setting keys) are ``COLLATE "C"``: "sorted by id" is byte order, as in
+SQLite and Python, whatever the database's default collation.
+
 **Writes.** Each write is one transaction that first takes ``pg_advisory_xact_lock(<bank key>)`` (a 64-bit key
 derived from the database and schema names; the lock is released by COMMIT/ROLLBACK and by the server when
 a client dies), then bumps ``meta.version``. Writers of every machine therefore queue; a writer waits up to
@@ -66,7 +69,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PgCatalog", "PG_FORMAT_VERSION", "HNSW_THRESHOLD", "redact_url"]
+__all__ = ["HNSW_THRESHOLD", "PG_FORMAT_VERSION", "PgCatalog", "redact_url"]
 
 PG_FORMAT_VERSION = 1
 #: A space gets its HNSW index (and approximate search) when it holds this many prototypes.
@@ -85,8 +88,8 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS adapters (
-    id          TEXT PRIMARY KEY,
-    base_model  TEXT,
+    id          TEXT COLLATE "C" PRIMARY KEY,
+    base_model  TEXT COLLATE "C",
     format      TEXT NOT NULL,
     rank        INTEGER NOT NULL,
     ranks       TEXT NOT NULL,
@@ -103,16 +106,16 @@ CREATE TABLE IF NOT EXISTS adapters (
 CREATE INDEX IF NOT EXISTS adapters_base_model ON adapters(base_model);
 CREATE INDEX IF NOT EXISTS adapters_tag_set ON adapters USING gin (tag_set jsonb_path_ops);
 CREATE TABLE IF NOT EXISTS files (
-    adapter_id TEXT NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
-    name       TEXT NOT NULL,
-    sha256     TEXT NOT NULL,
+    adapter_id TEXT COLLATE "C" NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    name       TEXT COLLATE "C" NOT NULL,
+    sha256     TEXT COLLATE "C" NOT NULL,
     size       BIGINT NOT NULL,
     PRIMARY KEY (adapter_id, name)
 );
 CREATE INDEX IF NOT EXISTS files_sha256 ON files(sha256);
 CREATE TABLE IF NOT EXISTS prototypes (
-    adapter_id TEXT NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
-    space_key  TEXT NOT NULL,
+    adapter_id TEXT COLLATE "C" NOT NULL REFERENCES adapters(id) ON DELETE CASCADE,
+    space_key  TEXT COLLATE "C" NOT NULL,
     space      TEXT NOT NULL,
     dim        INTEGER NOT NULL,
     embedding  vector NOT NULL,
@@ -123,14 +126,14 @@ CREATE TABLE IF NOT EXISTS prototypes (
 );
 CREATE INDEX IF NOT EXISTS prototypes_space ON prototypes(space_key, adapter_id);
 CREATE TABLE IF NOT EXISTS settings (
-    key     TEXT PRIMARY KEY,
+    key     TEXT COLLATE "C" PRIMARY KEY,
     value   TEXT NOT NULL,
     updated TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS changes (
     version    BIGINT NOT NULL,
-    space_key  TEXT NOT NULL,
-    adapter_id TEXT NOT NULL
+    space_key  TEXT COLLATE "C" NOT NULL,
+    adapter_id TEXT COLLATE "C" NOT NULL
 );
 CREATE INDEX IF NOT EXISTS changes_space_version ON changes(space_key, version)
 """
@@ -462,9 +465,10 @@ class PgCatalog:
             time.sleep(min(pause, max(self.lock_timeout - waited, 0.0)))
             pause = min(pause * 1.5, 0.1)
 
-    def _write(self, fn: Callable[[psycopg.Connection], Any]) -> Any:
+    def _write(self, fn: Callable[[psycopg.Connection], Any], *, bump: bool = True) -> Any:
         """``fn(conn)`` inside the writer section: one transaction holding the bank's advisory lock, version bumped
-        (unless ``fn`` raises or returns :data:`_NO_CHANGE`); committed on success, rolled back on any exception."""
+        (if ``bump``, unless ``fn`` raises or returns :data:`_NO_CHANGE`); committed on success, rolled back on any
+        exception."""
         psycopg = _require()
         with self.lock:
             conn = self._alive()
@@ -482,7 +486,8 @@ class PgCatalog:
                 if out is _NO_CHANGE:
                     conn.execute("ROLLBACK")
                     return out
-                self._bump(conn)
+                if bump:
+                    self._bump(conn)
                 committing = True
                 conn.execute("COMMIT")
                 return out
@@ -557,7 +562,7 @@ class PgCatalog:
     def count(self) -> int:
         return self._read(lambda c: int(c.execute("SELECT count(*) FROM adapters").fetchone()[0]))
 
-    def has(self, id: str) -> bool:  # noqa: A002
+    def has(self, id: str) -> bool:
         return self._read(lambda c: c.execute("SELECT 1 FROM adapters WHERE id = %s", (id,)).fetchone() is not None)
 
     def some_ids(self, limit: int) -> list[str]:
@@ -566,7 +571,7 @@ class PgCatalog:
                                                              (int(limit),))])
 
     # -- cards ------------------------------------------------------------------------------------
-    def card(self, id: str) -> CardRow | None:  # noqa: A002
+    def card(self, id: str) -> CardRow | None:
         """One card, or ``None``."""
         cards = self.cards(ids=[id])
         return cards[0] if cards else None
@@ -608,7 +613,7 @@ class PgCatalog:
 
     # -- writes -----------------------------------------------------------------------------------
     @staticmethod
-    def _proto_params(id: str, p: Prototype) -> tuple[Any, ...]:  # noqa: A002
+    def _proto_params(id: str, p: Prototype) -> tuple[Any, ...]:
         vec = np.ascontiguousarray(p.vector, dtype=np.float32)
         if vec.ndim != 1 or vec.shape[0] != p.space.dim:
             raise ShapeMismatchError(f"The prototype of {id!r} has shape {vec.shape} but its space "
@@ -641,12 +646,13 @@ class PgCatalog:
                 raise ParameterError(f"The card row of {e.id!r} lacks the columns {missing}.")
 
         def run(c: psycopg.Connection) -> list[bool]:
-            if under_lock is not None:
-                under_lock()
             present = {r[0] for r in c.execute("SELECT id FROM adapters WHERE id = ANY(%s)", (ids,))}
             if present and not replace:
-                raise ConflictError(f"The bank {self.location} already has adapter(s) with id(s) {sorted(present)}; "
-                                    f"pass replace=True (--replace on the command line) to replace them.")
+                raise ConflictError(f"The bank {self.location} already has adapter(s) with id(s) {sorted(present)} "
+                                    f"(added concurrently?); pass replace=True (--replace on the command line) to "
+                                    f"replace them.")
+            if under_lock is not None:
+                under_lock()
             changed = [(s, i) for i, s in c.execute(
                 "SELECT adapter_id, space_key FROM prototypes WHERE adapter_id = ANY(%s)", (sorted(present),))]
             if present:
@@ -667,7 +673,7 @@ class PgCatalog:
         self._grow_indexes({p[1] for p in protos})
         return out
 
-    def remove(self, id: str) -> bool:  # noqa: A002
+    def remove(self, id: str) -> bool:
         """Delete a card with its files and prototypes; ``False`` if there was none."""
 
         def run(c: psycopg.Connection) -> Any:
@@ -679,7 +685,7 @@ class PgCatalog:
 
         return self._write(run) is True
 
-    def set_prototype(self, id: str, prototype: Prototype) -> bool:  # noqa: A002
+    def set_prototype(self, id: str, prototype: Prototype) -> bool:
         """Attach (or replace, same space) a prototype; ``False`` if there is no card ``id``."""
         params = self._proto_params(id, prototype)
 
@@ -707,18 +713,25 @@ class PgCatalog:
 
         self._write(run)
 
+    def settings(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``: key -> JSON text, sorted by key."""
+        rows = self._read(lambda c: c.execute("SELECT key, value FROM settings WHERE left(key, %s) = %s ORDER BY key",
+                                              (len(prefix), prefix)).fetchall())
+        return {str(k): str(v) for k, v in rows}
+
     def get_setting(self, key: str) -> str | None:
         row = self._read(lambda c: c.execute("SELECT value FROM settings WHERE key = %s", (key,)).fetchone())
         return None if row is None else str(row[0])
 
     def collect_garbage(self, delete_unused: Callable[[set[str]], int]) -> int:
-        """Call ``delete_unused(used_sha256s)`` inside the writer section; return what it returns."""
+        """Call ``delete_unused(used_sha256s)`` inside the writer section; return what it returns. No catalog row
+        changes, so the version is not bumped (as in the embedded catalog)."""
 
         def run(c: psycopg.Connection) -> int:
             used = {r[0] for r in c.execute("SELECT DISTINCT sha256 FROM files")}
             return int(delete_unused(used))
 
-        return self._write(run)
+        return self._write(run, bump=False)
 
     # -- prototypes -------------------------------------------------------------------------------
     @staticmethod
@@ -727,7 +740,7 @@ class PgCatalog:
         return Prototype(np.asarray(vec, dtype=np.float32), PrototypeSpace.from_dict(json.loads(sp)), int(n),
                          src or "", json.loads(extra))
 
-    def prototypes(self, id: str) -> list[Prototype]:  # noqa: A002
+    def prototypes(self, id: str) -> list[Prototype]:
         """The prototypes of ``id`` sorted by space key (empty if none or no such card)."""
         rows = self._read(lambda c: c.execute(
             "SELECT space_key, space, embedding, n_samples, source, extra FROM prototypes WHERE adapter_id = %s "

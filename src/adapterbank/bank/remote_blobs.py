@@ -134,6 +134,10 @@ class FsspecBlobStore:
         """The URL of blob ``sha``, for messages."""
         return f"{self.location}/{sha[:2]}/{sha}"
 
+    def name(self, sha: str) -> str:
+        """Where blob ``sha`` lives (its URL without credentials), for messages."""
+        return self.blob_url(sha)
+
     def _cache_path(self, sha: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / sha[:2] / sha
 
@@ -160,6 +164,9 @@ class FsspecBlobStore:
         url = self.blob_url(sha)
         if self._local is not None:
             try:
+                final = self._local.path(sha)
+                if final.exists() and os.path.samefile(staged, final):
+                    return  # already placed from this very staged file (a hard link of it)
                 self._local.place(staged, sha, token)
             except OSError as e:
                 raise self._failed(f"Cannot store blob {url}", e, "Nothing was stored under its name.") from None
