@@ -900,6 +900,7 @@ class PgCatalog:
                 "WHERE space_key = {key}").format(name=sql.Identifier(name), dim=sql.Literal(dim),
                                                    m=sql.Literal(int(m)), ef=sql.Literal(int(ef_construction)),
                                                    key=sql.Literal(space_key)))
+            conn.execute("ANALYZE prototypes, adapters")  # fresh statistics, so the planner picks the new index
         except psycopg.Error as e:
             log.warning("could not build the HNSW index of space %s in %s (%s); its searches stay exact",
                         space_key, self.location, _msg(e))
@@ -930,12 +931,14 @@ class PgCatalog:
         if tags:
             filters.append("a.tag_set @> %s::jsonb")
             params.append(json.dumps(list(tags)))
+        # the adapters table is joined only when a filter needs it
+        src = "prototypes p" + (" JOIN adapters a ON a.id = p.adapter_id" if len(filters) > 1 else "")
         cond = " AND ".join(filters)
         if self.search_mode(space_key) == "hnsw":
-            hits = self._search_hnsw(space_key, q, k, dim, cond, params)
+            hits = self._search_hnsw(q, k, dim, src, cond, params)
             if hits is not None:
                 return hits
-        return self._search_exact(q, k, dim, cond, params)
+        return self._search_exact(q, k, dim, src, cond, params)
 
     def _rerank(self, q: np.ndarray, rows: Sequence[Sequence[Any]], k: int) -> tuple[list[Hit], float]:
         """Exact float64 distances of the fetched rows (id, vector, ...); the k best and the k-th distance."""
@@ -946,10 +949,10 @@ class PgCatalog:
         order = sorted(zip(dist.tolist(), (r[0] for r in rows), strict=True))[:k]
         return [Hit(i, dd) for dd, i in order], (order[-1][0] if order else math.inf)
 
-    def _search_exact(self, q: np.ndarray, k: int, dim: int, cond: str, params: list[Any]) -> list[Hit]:
+    def _search_exact(self, q: np.ndarray, k: int, dim: int, src: str, cond: str, params: list[Any]) -> list[Hit]:
         m = k + _SLACK
-        sql = (f"SELECT p.adapter_id, p.embedding, p.embedding <-> %s AS dist FROM prototypes p "
-               f"JOIN adapters a ON a.id = p.adapter_id WHERE {cond} ORDER BY dist, p.adapter_id LIMIT %s")
+        sql = (f"SELECT p.adapter_id, p.embedding, p.embedding <-> %s AS dist FROM {src} "
+               f"WHERE {cond} ORDER BY dist, p.adapter_id LIMIT %s")
         while True:
             rows = self._read(lambda c, m=m: c.execute(sql, [q, *params, m], binary=True).fetchall())
             if not rows:
@@ -959,11 +962,11 @@ class PgCatalog:
                 return hits
             m *= 4
 
-    def _search_hnsw(self, space_key: str, q: np.ndarray, k: int, dim: int, cond: str,
+    def _search_hnsw(self, q: np.ndarray, k: int, dim: int, src: str, cond: str,
                      params: list[Any]) -> list[Hit] | None:
         m = max(4 * k, k + 64)
         ef = min(max(200, 2 * m), 1000)
-        sql = (f"SELECT p.adapter_id, p.embedding FROM prototypes p JOIN adapters a ON a.id = p.adapter_id "
+        sql = (f"SELECT p.adapter_id, p.embedding FROM {src} "
                f"WHERE {cond} ORDER BY (p.embedding::vector({int(dim)})) <-> %s::vector({int(dim)}) LIMIT %s")
 
         def run(c: psycopg.Connection) -> list[Any]:
@@ -984,10 +987,10 @@ class PgCatalog:
         dim = int(spaces[space_key].dim)
         q = np.zeros(dim, np.float32)
         if self.search_mode(space_key) == "hnsw":
-            sql = (f"EXPLAIN SELECT p.adapter_id FROM prototypes p JOIN adapters a ON a.id = p.adapter_id "
+            sql = (f"EXPLAIN SELECT p.adapter_id FROM prototypes p "
                    f"WHERE p.space_key = %s ORDER BY (p.embedding::vector({dim})) <-> %s::vector({dim}) LIMIT %s")
         else:
-            sql = ("EXPLAIN SELECT p.adapter_id FROM prototypes p JOIN adapters a ON a.id = p.adapter_id "
+            sql = ("EXPLAIN SELECT p.adapter_id FROM prototypes p "
                    "WHERE p.space_key = %s ORDER BY p.embedding <-> %s LIMIT %s")
         return "\n".join(r[0] for r in self._read(lambda c: c.execute(sql, (space_key, q, k)).fetchall()))
 
