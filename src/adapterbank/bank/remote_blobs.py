@@ -3,12 +3,17 @@
 The server backend's blob store (docs/design.md §5; contract in :mod:`.backend`). Layout as in the embedded
 store: ``<url>/<sha256[:2]>/<sha256>``, the original adapter files bit for bit.
 
-| step | what |
-|------|------|
-| staging | files are staged and hashed in a local :class:`~adapterbank.bank.blobs.Staging` folder (``staging_dir``, default ``~/.cache/adapterbank/staging``) |
-| put | the staged file is re-hashed (it must still be ``sha``), then stored with **one** ``put_file``: an object store makes an object visible only once it is complete (a single PUT, or a multipart upload above ~100 MB, completed only at its end), so the final name ``sha256`` never holds a partial object; the stored size is checked. On a local filesystem (``file://``) the embedded placing is used (temp name, fsync, rename). |
-| read | :meth:`FsspecBlobStore.copy_verified` goes through a local read cache (``cache_dir``, default ``~/.cache/adapterbank/blobs``): a cache entry is re-hashed on every read, a damaged one is deleted and fetched again; a fetched object is hashed while it streams and enters the cache only when its hash matches |
-| check | :meth:`FsspecBlobStore.check` re-hashes the remote object itself (not the cache) |
+* **staging**: files are staged and hashed in a local :class:`~adapterbank.bank.blobs.Staging` folder
+  (``staging_dir``, default ``~/.cache/adapterbank/staging``).
+* **put**: the staged file is re-hashed (it must still be ``sha``), then stored with **one** ``put_file``. An object
+  store shows an object only once it is complete (a single PUT; with s3fs above ~100 MB a multipart upload, which
+  becomes an object only when completed and is aborted on failure), so the final name ``sha256`` never holds a
+  partial object; the stored size is checked after. On a local filesystem (``file://``) the embedded placing is
+  used (temp name, fsync, rename).
+* **read**: :meth:`FsspecBlobStore.copy_verified` goes through a local read cache (``cache_dir``, default
+  ``~/.cache/adapterbank/blobs``): a cache entry is re-hashed on every read and a damaged one is deleted and fetched
+  again; a fetched object is hashed while it streams and enters the cache only when its hash matches.
+* **check**: :meth:`FsspecBlobStore.check` re-hashes the stored object itself (not the cache).
 
 Credentials and endpoints come from ``storage_options`` or, for S3, from the usual AWS settings
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``AWS_DEFAULT_REGION``, profiles).
@@ -117,7 +122,8 @@ class FsspecBlobStore:
         if cache_dir is False:
             self.cache_dir: Path | None = None
         else:
-            self.cache_dir = Path(cache_root / "blobs" if cache_dir in (None, True) else cache_dir)  # type: ignore[arg-type]
+            chosen = cache_root / "blobs" if cache_dir in (None, True) else cache_dir
+            self.cache_dir = Path(chosen)  # type: ignore[arg-type]
         self.staging_dir = Path(staging_dir) if staging_dir is not None else cache_root / "staging"
         # On a local filesystem the embedded placing (temp name, fsync, rename) is the atomic write.
         self._local = BlobStore(Path(self.root), self.staging_dir) if self.protocol in _LOCAL else None
