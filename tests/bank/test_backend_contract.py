@@ -262,13 +262,8 @@ def test_blob_store_round_trip(blobs: Any, tmp_path: Path) -> None:
         blobs.copy_verified(sha, tmp_path / "again", what="adapter 'a'")
 
 
-def test_put_twice_leaves_one_blob_and_no_temp_file(request: pytest.FixtureRequest, blobs: Any, tmp_path: Path) -> None:
+def test_put_twice_leaves_one_blob_and_no_temp_file(blobs: Any, tmp_path: Path) -> None:
     """The Bank puts a blob again when its re-check under the writer lock finds it gone (or to repair it)."""
-    if isinstance(blobs, BlobStore):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BlobStore.place hard-links the staged file to a temp name and renames it over the final name; when the "
-            "final name already is a link of the same staged file, rename() of two links to one inode does nothing "
-            "and the temp link stays behind (fix in blobs.py: unlink tmp after os.replace if it still exists)")))
     src = tmp_path / "w.bin"
     src.write_bytes(b"same content twice")
     with blobs.staging() as st:
