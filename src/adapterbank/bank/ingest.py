@@ -27,6 +27,7 @@ import glob
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -160,7 +161,9 @@ class _Result:
 class _Batch:
     st: Staging
     items: list[IngestItem]
-    futures: list[cf.Future[_Result] | _Result]
+    futures: list[cf.Future[_Result] | _Result] = field(default_factory=list)
+    placed: set[str] = field(default_factory=set)  # blobs a worker of this batch placed (or is placing)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _source_name(source: object, aid: str | None = None) -> str:
@@ -201,6 +204,8 @@ def _batches(items: Iterable[IngestItem], size: int, key: Callable[[IngestItem],
 
 def _item_id(it: IngestItem) -> str | None:
     """The id an item will get (for batching only; the real check is Bank._request's)."""
+    if not isinstance(it, IngestItem):
+        return None  # refused by the batch
     if it.id is not None:
         return it.id
     if isinstance(it.source, (str, Path)):
@@ -230,10 +235,10 @@ def _same_files(req: _AddRequest, files: Mapping[str, str]) -> bool | None:
     return found == dict(files)
 
 
-def _prepare_one(bank: Bank, st: Staging, sub: str, item: IngestItem, req: _AddRequest,
+def _prepare_one(bank: Bank, b: _Batch, sub: str, item: IngestItem, req: _AddRequest,
                  existing: Mapping[str, str] | None, existing_source: str | None, replace: bool,
                  versions_json: str) -> _Result:
-    """Stage and parse one item (a worker thread); decide add / already present / refused."""
+    """Stage, parse and place one item (a worker thread); decide add / already present / refused."""
     from adapterbank.bank.store import TMP
 
     def conflict() -> _Result:
@@ -249,7 +254,9 @@ def _prepare_one(bank: Bank, st: Staging, sub: str, item: IngestItem, req: _AddR
             return conflict()
     try:
         with writing(bank.root, what="to the bank", nothing="nothing more was added", hide=Path(bank.root) / TMP):
-            entry, staged = bank._prepare(st, req, sub, versions_json)
+            entry, staged = bank._prepare(b.st, req, sub, versions_json)
+            if existing is None or replace:
+                _place(bank, b, staged)
     except OutputWriteError:
         raise  # the bank's disk: the run stops (what is committed stays; rerun to resume)
     except (AdapterbankError, OSError) as e:
@@ -260,6 +267,16 @@ def _prepare_one(bank: Bank, st: Staging, sub: str, item: IngestItem, req: _AddR
         if not replace:
             return conflict()
     return _Result("add", item, req, entry, staged)
+
+
+def _place(bank: Bank, b: _Batch, staged: _Staged) -> None:
+    """Give the staged blobs their final names, each sha once per batch (a worker thread; Bank._commit re-checks
+    them under the writer lock)."""
+    with b.lock:
+        mine = [(p, sha, size) for p, sha, size in staged.values() if sha not in b.placed]
+        b.placed.update(sha for _, sha, _ in mine)
+    for p, sha, size in mine:
+        bank._blobs.put(p, sha, size, b.st.token)
 
 
 # -- descriptions, encoded in batches ---------------------------------------------------------------------
@@ -358,8 +375,7 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
 
     def start(items_b: list[IngestItem]) -> _Batch:
         """Check the items, look up their ids, and hand the staging to the workers."""
-        futures: list[cf.Future[_Result] | _Result] = []
-        st = bank._blobs.staging()
+        b = _Batch(bank._blobs.staging(), items_b)
         try:
             for k, it in enumerate(items_b):
                 if not isinstance(it, IngestItem):
@@ -372,19 +388,16 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
                         raise ParameterError("samples were given but the run has no encoder to compute their "
                                              "prototype; pass encoder=.")
                 except (AdapterbankError, OSError) as e:
-                    futures.append(_Result("refused", it, refusal=_refusal(it, it.id, e)))
+                    b.futures.append(_Result("refused", it, refusal=_refusal(it, it.id, e)))
                     continue
                 cr = bank._cat.card(req.id)  # an indexed lookup (cards(ids=) would scan the catalog)
-                futures.append(pool.submit(_prepare_one, bank, st, str(k), it, req, None if cr is None else cr.files,
-                                           None if cr is None else cr.row["source"], replace, versions_json))
+                b.futures.append(pool.submit(_prepare_one, bank, b, str(k), it, req,
+                                             None if cr is None else cr.files, None if cr is None else cr.row["source"],
+                                             replace, versions_json))
         except BaseException:
-            for f in futures:
-                if isinstance(f, cf.Future):
-                    f.cancel()
-            cf.wait([f for f in futures if isinstance(f, cf.Future)])
-            st.close()
+            _drop(b)
             raise
-        return _Batch(st, items_b, futures)
+        return b
 
     def finish(b: _Batch) -> None:
         """Wait for the workers, make the prototypes, commit the batch, record the outcomes."""
@@ -396,18 +409,23 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
             with writing(bank.root, what="to the bank", nothing="nothing more was added",
                          hide=Path(bank.root) / TMP):
                 _commit_batch(bank, b.st, to_add, replace, report)
-            for r in results:
-                if r.kind == "present":
-                    report.present.append(r.req.id)  # type: ignore[union-attr]
-                elif r.kind == "refused":
-                    report.refused.append(r.refusal)  # type: ignore[arg-type]
-                    log.info("refused %s", r.refusal.reason)  # type: ignore[union-attr]
-        finally:
-            b.st.close()
+        except BaseException:
+            _drop(b)
+            raise
+        pool.submit(b.st.close)  # deleting the staged copies (hard links of the blobs) costs more than it seems
+        nonlocal stray
+        stray = stray or any(r.kind == "refused" and r.staged is not None for r in results)
+        for r in results:
+            if r.kind == "present":
+                report.present.append(r.req.id)  # type: ignore[union-attr]
+            elif r.kind == "refused":
+                report.refused.append(r.refusal)  # type: ignore[arg-type]
+                log.info("refused %s", r.refusal.reason)  # type: ignore[union-attr]
         if progress is not None:
             progress(len(b.items))
 
     open_batches: list[_Batch] = []
+    stray = False  # blobs placed for items refused afterwards (their prototype failed, a concurrent conflict)
     try:
         for items_b in _batches(items, batch_size, _item_id):
             open_batches.append(start(items_b))  # the workers stage it while the previous one is committed
@@ -416,14 +434,23 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
         while open_batches:
             finish(open_batches.pop(0))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
         for b in open_batches:  # an error stopped the run: drop what was staged and not committed
-            b.st.close()
-    if report.replaced:
+            _drop(b)
+        pool.shutdown(wait=True)
+    if report.replaced or stray:
         bank._delete_unreferenced()
     report.elapsed_s = time.perf_counter() - t0
     log.info("add_many %s: %s", bank.root, report.summary())
     return report
+
+
+def _drop(b: _Batch) -> None:
+    """Cancel a batch's work that has not started, wait for the rest, delete its staging folder."""
+    futs = [f for f in b.futures if isinstance(f, cf.Future)]
+    for f in futs:
+        f.cancel()
+    cf.wait(futs)
+    b.st.close()
 
 
 def _make_prototypes(to_add: list[_Result], encoder: Any, report: IngestReport) -> None:
@@ -469,21 +496,21 @@ def _commit_batch(bank: Bank, st: Staging, to_add: list[_Result], replace: bool,
         return
     pairs = [(r.entry, r.staged) for r in to_add]
     try:
-        replaced = bank._commit(st, pairs, replace=replace)  # type: ignore[arg-type]
+        replaced = bank._commit(st, pairs, replace=replace, placed=True)  # type: ignore[arg-type]
         done = list(zip(to_add, replaced, strict=True))
     except ConflictError:
         log.info("a concurrent writer added one of this batch's ids: committing its %d items one by one", len(to_add))
         done = []
         for r in to_add:
             try:
-                rep, = bank._commit(st, [(r.entry, r.staged)], replace=replace)  # type: ignore[list-item]
+                rep, = bank._commit(st, [(r.entry, r.staged)], replace=replace, placed=True)  # type: ignore[list-item]
                 done.append((r, rep))
             except ConflictError as e:
                 cr = bank._cat.card(r.entry.id)  # type: ignore[union-attr]
                 if cr is not None and dict(cr.files) == {rel: sha for rel, sha, _ in r.entry.files}:  # type: ignore[union-attr]
-                    report.present.append(r.entry.id)  # type: ignore[union-attr]
+                    r.kind = "present"
                 else:
-                    report.refused.append(_refusal(r.item, r.entry.id, e))  # type: ignore[union-attr]
+                    r.kind, r.refusal = "refused", _refusal(r.item, r.entry.id, e)  # type: ignore[union-attr]
     for r, rep in done:
         report.added.append(r.entry.id)  # type: ignore[union-attr]
         if rep:

@@ -414,22 +414,20 @@ class Bank:
         build its catalog entry: ``(Entry, rel name -> (staged path, sha256, size))``. Touches no catalog, so
         several threads may prepare into one staging folder (each under its own ``sub``). ``versions_json``:
         the card's ``versions`` (default: :func:`versions` now; it reads package metadata, ~4 ms)."""
-        pre = f"{sub}/" if sub else ""
-        if pre:
-            (st.dir / sub).mkdir(parents=True, exist_ok=True)
+        files_sub, conv_sub = (sub, f"{sub}-conv") if sub else ("files", "conv")
         src_path = req.src_path
         if isinstance(req.source, LoraAdapter):
             bm_given = self._resolve_base_model(req.source.base_model, req.base_model, req.id)
-            fmt, layout, staged, adapter = self._stage_object(st, req.source, bm_given, sub=pre + "files")
+            fmt, layout, staged, adapter = self._stage_object(st, req.source, bm_given, sub=files_sub)
         else:
             fmt, layout, staged, adapter = self._stage_path(st, req.source, req.format, req.allow_pickle,
-                                                            sub=pre + "files")
+                                                            sub=files_sub)
         converted = adapter.metadata.pop("converted_from", None) is not None
         extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
         if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
             # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
             bm_conv = self._resolve_base_model(adapter.base_model, req.base_model, src_path)
-            _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub=pre + "conv")
+            _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub=conv_sub)
             extra.update(converted_from=fmt, layout="dir")
             fmt = "peft"
         bm = self._resolve_base_model(adapter.base_model, req.base_model, src_path or req.id)
@@ -451,12 +449,14 @@ class Bank:
         return entry, staged
 
     def _commit(self, st: Staging, batch: Sequence[tuple[Entry, Mapping[str, tuple[Path, str, int]]]], *,
-                replace: bool) -> builtins.list[bool]:
-        """Give the staged blobs their final names (outside the writer lock), then commit the entries in one
-        transaction that first re-checks the blobs (a concurrent gc may have removed one placed here)."""
+                replace: bool, placed: bool = False) -> builtins.list[bool]:
+        """Give the staged blobs their final names (outside the writer lock; ``placed``: the caller did), then
+        commit the entries in one transaction that first re-checks the blobs (a concurrent gc may have removed
+        one placed here)."""
         blobs = {sha: (p, size) for _, staged in batch for p, sha, size in staged.values()}
-        for sha, (p, size) in blobs.items():
-            self._blobs.put(p, sha, size, st.token)
+        if not placed:
+            for sha, (p, size) in blobs.items():
+                self._blobs.put(p, sha, size, st.token)
 
         def recheck() -> None:
             for sha, (p, size) in blobs.items():
