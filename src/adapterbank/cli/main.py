@@ -204,8 +204,8 @@ def add(
 ) -> None:
     """Add adapters (and their task prototypes) to the bank: one, or many at once (folders, globs, --manifest).
 
-    Several adapters are added in batches: a bad one is reported with its reason and skipped, one already in the
-    bank with the same files is skipped (so rerunning an interrupted run resumes it). Exit code 1 if any was refused.
+    Many: a bad one is reported and skipped; one the bank has with the same files is skipped (a rerun resumes).
+    Exit code 1 if any was refused.
     """
     sources = list(sources or [])
     if not sources and manifest is None:
@@ -329,8 +329,9 @@ def _add_many(bank: str, sources: list[str], manifest: Path | None, *, encoder: 
 
 
 @contextlib.contextmanager
-def _ingest_progress(total: int, *, enabled: bool) -> Iterator[Callable[[int], None] | None]:
-    """A rich progress bar on stderr (done/total, adapters/s, ETA) when ``enabled``; yields its ``advance(n)``."""
+def _ingest_progress(total: int, *, enabled: bool, console: Any = None) -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar (done/total, adapters/s, ETA) on stderr (or ``console``) when ``enabled``; yields its
+    ``advance(n)``."""
     if not enabled:
         yield None
         return
@@ -339,7 +340,7 @@ def _ingest_progress(total: int, *, enabled: bool) -> Iterator[Callable[[int], N
     from adapterbank.cli.render import err
 
     with Progress(TextColumn("adding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-                  TimeRemainingColumn(), console=err) as bar:
+                  TimeRemainingColumn(), console=console or err) as bar:
         task = bar.add_task("add", total=total, rate="")
 
         def advance(n: int) -> None:
