@@ -24,6 +24,7 @@ import builtins
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import tempfile
 import warnings
@@ -72,7 +73,30 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION"]
+__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION", "is_url", "redact_url"]
+
+#: The environment variable naming the blob store (an fsspec URL) of a new server bank.
+BLOBS_ENV = "ADAPTERBANK_BLOBS"
+BLOBS_SETTING = "storage.blobs"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether a bank argument is a URL (server backend) rather than a folder.
+
+    >>> is_url("postgresql://me@db/adapters"), is_url("./bank"), is_url(Path("bank"))
+    (True, False, False)
+    """
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages.
+
+    >>> redact_url("postgresql://me:secret@db:5432/adapters")
+    'postgresql://me:***@db:5432/adapters'
+    """
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 BLOBS = "blobs"
 TMP = "tmp"
@@ -231,13 +255,21 @@ class Bank:
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Create an empty bank in ``path`` (a new or empty directory). ``lock_timeout``: see :meth:`open`.
+    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Create an empty bank in ``path``: a new or empty directory (embedded backend), or a
+        ``postgresql://`` URL (server backend: catalog and prototypes in PostgreSQL + pgvector, blobs at the
+        fsspec URL ``blobs``, default ``$ADAPTERBANK_BLOBS``, recorded in the catalog). ``lock_timeout``: see
+        :meth:`open`.
 
         >>> import tempfile
         >>> Bank.init(tempfile.mkdtemp()).list()
         []
         """
+        if is_url(path):
+            return cls._server(str(path), create=True, blobs=blobs, lock_timeout=lock_timeout)
+        if blobs is not None:
+            raise ParameterError("blobs= is for the server backend (a postgresql:// bank); an embedded bank keeps its "
+                                 f"blobs in {Path(path) / BLOBS}.")
         root = Path(path)
         if (root / CATALOG).exists():
             raise BankError(f"{root} is already a bank; open it with Bank.open.")
@@ -252,8 +284,10 @@ class Bank:
         return cls(root, cat)
 
     @classmethod
-    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Open an existing bank; :class:`BankError` if it is missing, not a bank or of a newer format.
+    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Open an existing bank (a folder or a ``postgresql://`` URL); :class:`BankError` if it is missing, not a
+        bank or of a newer format. A server bank's blobs are at the URL recorded by :meth:`init` (``blobs=``
+        overrides it, e.g. another endpoint of the same bucket).
 
         ``lock_timeout``: how many seconds a write (add, remove, gc, ...) waits while another process is
         writing to the bank (a warning is logged after one second) before it fails with :class:`BankError`.
@@ -264,6 +298,8 @@ class Bank:
         ...
         adapterbank.errors.BankError: ... is not a bank: it has no catalog.sqlite.
         """
+        if is_url(path):
+            return cls._server(str(path), create=False, blobs=blobs, lock_timeout=lock_timeout)
         root = Path(path)
         if not root.is_dir():
             raise BankError(f"No bank at {root}: the directory does not exist.")
@@ -276,6 +312,38 @@ class Bank:
                     (root / sub).mkdir(exist_ok=True)
         return bank
 
+    @classmethod
+    def _server(cls, url: str, *, create: bool, blobs: str | None, lock_timeout: float) -> Bank:
+        """The server backend: :class:`~adapterbank.bank.pg.PgCatalog` + :class:`~adapterbank.bank.remote_blobs.FsspecBlobStore`."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise BankError(f"Unknown bank URL scheme {scheme!r} in {redact_url(url)}: a bank is a folder (embedded) or "
+                            "a postgresql:// URL (server backend).")
+        try:
+            from adapterbank.bank.pg import PgCatalog
+            from adapterbank.bank.remote_blobs import FsspecBlobStore
+        except ImportError as e:
+            raise BankError(f"The server backend ({redact_url(url)}) needs the 'server' extra: "
+                            f"pip install 'adapterbank[server]' ({e}).") from None
+        if create:
+            blobs = blobs or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                raise BankError(f"Where should the weights of {redact_url(url)} live? Set {BLOBS_ENV} to an fsspec URL "
+                                f"(e.g. s3://bucket/adapterbank; S3 credentials and endpoint from the usual AWS_* "
+                                f"variables) or pass blobs=.")
+            store = FsspecBlobStore(blobs)  # fails on a bad URL before the catalog is created
+            cat = PgCatalog.create(url, lock_timeout=lock_timeout)
+            cat.set_setting(BLOBS_SETTING, json.dumps(blobs))
+        else:
+            cat = PgCatalog.open(url, lock_timeout=lock_timeout)
+            recorded = cat.get_setting(BLOBS_SETTING)
+            blobs = blobs or (json.loads(recorded) if recorded else None) or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                cat.close()
+                raise BankError(f"The bank {redact_url(url)} records no blob store; set {BLOBS_ENV} or pass blobs=.")
+            store = FsspecBlobStore(blobs)
+        return cls(cat.location, cat, store)
+
     def close(self) -> None:
         self._cat.close()
 
@@ -287,6 +355,11 @@ class Bank:
 
     def __repr__(self) -> str:
         return f"Bank({str(self.root)!r})"
+
+    @property
+    def blobs_location(self) -> str:
+        """Where the blobs are: ``<bank>/blobs`` or the object-store URL."""
+        return self._blobs.location
 
     @property
     def version(self) -> int:

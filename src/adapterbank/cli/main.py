@@ -143,12 +143,14 @@ _FORMATS_HINT = "a name from `adapterbank formats`"
 
 @app.command()
 def init(bank: str = typer.Argument(..., help="Directory to create the bank in, or a postgresql:// URL (server "
-                                     "backend; blobs at ADAPTERBANK_BLOBS).")) -> None:
+                                     "backend; blobs at --blobs or $ADAPTERBANK_BLOBS)."),
+         blobs: Optional[str] = typer.Option(None, "--blobs", help="Server backend: fsspec URL of the blob store "
+                                             "(default $ADAPTERBANK_BLOBS), e.g. s3://bucket/adapterbank.")) -> None:
     """Create an empty bank (SQLite catalog + content-addressed blobs, or PostgreSQL + object storage)."""
     from adapterbank.bank import Bank
 
-    Bank.init(bank)
-    console.print(f"Initialised bank at [bold]{bank}[/bold]")
+    b = Bank.init(bank, blobs=blobs)
+    console.print(f"Initialised bank at [bold]{b.root}[/bold] (blobs: {b.blobs_location})")
 
 
 @app.command("formats")
@@ -376,6 +378,40 @@ def remove(bank: str, id: str, lock_timeout: Optional[float] = typer.Option(
     """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
     _open(bank, lock_timeout).remove(id)
     console.print(f"Removed {id}")
+
+
+@app.command()
+def migrate(
+    src: str = typer.Argument(..., help="The bank to copy: a folder or a postgresql:// URL."),
+    dst: str = typer.Argument(..., help="The bank to copy into (a folder is created if absent; a URL must have been "
+                                        "set up with `adapterbank init URL`)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Cards committed per transaction."),
+    json_out: bool = json_option(),
+) -> None:
+    """Copy every card, prototype, setting and blob of SRC into DST (any backends), then verify DST; resumable."""
+    from adapterbank.bank import Bank
+    from adapterbank.bank.migrate import migrate as run_migrate
+    from adapterbank.bank.store import is_url
+
+    a = _open(src)
+    if not is_url(dst) and (not Path(dst).exists() or (Path(dst).is_dir() and not any(Path(dst).iterdir()))):
+        b = Bank.init(dst)
+    else:
+        b = _open(dst)
+    rep = run_migrate(a, b, batch_size=batch_size)
+    if json_out:
+        print_json({"copied": len(rep.copied), "already_present": len(rep.present), "refused": rep.refused,
+                    "blobs_copied": rep.blobs_copied, "settings_copied": rep.settings_copied,
+                    "seconds": round(rep.seconds, 3), "verified": rep.verified, "problems": rep.problems})
+    else:
+        for i, why in rep.refused:
+            console.print(f"[red]refused {i}: {why}[/red]")
+        for p in rep.problems:
+            console.print(f"[red]{p}[/red]")
+        console.print(f"migrated {a.root} -> {b.root}: {len(rep.copied)} copied, {len(rep.present)} already present, "
+                      f"{len(rep.refused)} refused, {rep.blobs_copied} blobs, {rep.settings_copied} settings, "
+                      f"{rep.seconds:.1f} s; verify: " + ("[green]ok[/green]" if rep.ok else "[red]FAILED[/red]"))
+    raise typer.Exit(0 if rep.ok else 1)
 
 
 @app.command()
