@@ -164,8 +164,8 @@ def test_descriptions_are_encoded_one_call_per_batch_exactly_as_describe(tmp_pat
     bank = Bank.init(tmp_path / "bank")
     rep = bank.add_many(items, batch_size=3, encoder=enc)
     assert rep.ok and rep.encoded == 6
-    # batch 1: the 2 samples of item 2, then one description (item 1 has its own prototype); then 3 texts, then 1
-    assert enc.calls == [2, 1, 3, 1]
+    # batch 1: one description (item 1 has its own prototype), then the 2 samples of item 2; then 3 texts, then 1
+    assert enc.calls == [1, 2, 3, 1]
     for i, (p, t) in enumerate(zip(loras, texts, strict=True)):
         got = bank.get_prototype(p.stem)
         want = (make_proto(1) if i == 1 else compute_prototype(CountingEncoder(), samples, description="from samples")
