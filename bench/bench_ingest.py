@@ -19,7 +19,6 @@ import argparse
 import datetime as _dt
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine
 
 RANK = 4
 #: (kohya module stem, in_features, out_features): the attention block of an SD1.5 UNet's first down block
@@ -65,9 +64,9 @@ def make_inputs(root: Path, n: int, seed: int = 0) -> tuple[list[Path], Path, li
         for i in range(n):
             # unique content per file: one row of each factor carries the file's index
             tensors = {k: v.clone() for k, v in base.items()}
-            for k in tensors:
+            for k, t in tensors.items():
                 if k.endswith("lora_down.weight"):
-                    tensors[k][0, :4] = torch.tensor([i % 997, i // 997 % 997, i // 994009, 1.0]).half() * 1e-3
+                    t[0, :4] = torch.tensor([i % 997, i // 997 % 997, i // 994009, 1.0]).half() * 1e-3
             p = out / f"style-{i:06d}.safetensors"
             save_file(tensors, str(p), metadata={"ss_network_dim": str(RANK)})
             text = (f"{SUBJECTS[rng.integers(len(SUBJECTS))]} style for {THINGS[rng.integers(len(THINGS))]}, "
@@ -124,7 +123,7 @@ def part_a(root: Path, files: list[Path], texts: list[str], workers: list[int], 
     for w in workers:
         anchor_s = anchor_copy_hash(files, root / "anchor-copy")
         shutil.rmtree(root / "anchor-copy")
-        dt, rep = run_ingest(root, items, workers=w, batch_size=batch_size, tag=f"bank-a-{w}")
+        dt, _ = run_ingest(root, items, workers=w, batch_size=batch_size, tag=f"bank-a-{w}")
         rows.append({"workers": w, "seconds": dt, "adapters_per_s": len(files) / dt, "anchor_seconds": anchor_s,
                      "anchor_per_s": len(files) / anchor_s, "ratio_to_anchor": anchor_s / dt})
         shutil.rmtree(root / f"bank-a-{w}")

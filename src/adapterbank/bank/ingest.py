@@ -62,8 +62,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestItem", "IngestReport", "Refusal", "ingest", "describe_many", "expand_sources", "read_manifest",
-           "MANIFEST_KEYS", "DEFAULT_WORKERS"]
+__all__ = ["DEFAULT_WORKERS", "MANIFEST_KEYS", "IngestItem", "IngestReport", "Refusal", "describe_many",
+           "expand_sources", "ingest", "read_manifest"]
 
 #: Worker threads by default: staging waits on fsync, so more threads than cores pay off (bench/bench_ingest.py).
 DEFAULT_WORKERS = min(16, 4 * (os.cpu_count() or 1))
@@ -83,14 +83,14 @@ class IngestItem:
     """
 
     source: str | Path | LoraAdapter
-    id: str | None = None  # noqa: A003
+    id: str | None = None
     description: str | None = None
     samples: Any = None
     tags: Sequence[str] = ()
     base_model: str | None = None
-    license: str | None = None  # noqa: A003
+    license: str | None = None
     source_url: str | None = None
-    format: str | None = None  # noqa: A003
+    format: str | None = None
     prototype: Prototype | None = None
 
 
@@ -99,7 +99,7 @@ class Refusal:
     """An item that was not added: its source, its id (if it got one), the error class and its message."""
 
     source: str
-    id: str | None  # noqa: A003
+    id: str | None
     error: str
     reason: str
 
