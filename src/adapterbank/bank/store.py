@@ -28,10 +28,10 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,6 +67,9 @@ from adapterbank.errors import (
 )
 from adapterbank.lora import LoraAdapter
 from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+if TYPE_CHECKING:
+    from adapterbank.bank.ingest import IngestItem, IngestReport
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +197,26 @@ def _check_rel_name(name: str, where: str) -> str:
     for p in parts:
         validate_file_name(p, "file name")
     return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class _AddRequest:
+    """The checked arguments of one add (:meth:`Bank._request`), before any file is read or staged."""
+
+    source: Path | LoraAdapter
+    id: str
+    prototype: Prototype | None
+    description: str | None
+    tags: list[str]
+    license: str | None
+    source_url: str | None
+    base_model: str | None
+    format: str | None
+    allow_pickle: bool
+
+    @property
+    def src_path(self) -> Path | None:
+        return self.source if isinstance(self.source, Path) else None
 
 
 def _card(cr: CardRow) -> Card:
@@ -373,8 +396,64 @@ class Bank:
         The original files are stored bit for bit; a :class:`LoraAdapter` is stored as PEFT files, and a
         legacy pickle file (only with ``allow_pickle=True``) is stored converted to PEFT safetensors.
         An existing id raises :class:`ConflictError` unless ``replace=True``. See the class docstring
-        for an example.
+        for an example; :meth:`add_many` adds many adapters at once (the same checks, one code path).
         """
+        req = self._request(source, id=id, prototype=prototype, description=description, tags=tags,
+                            license=license, source_url=source_url, base_model=base_model, format=format,
+                            allow_pickle=allow_pickle)
+        if not replace and req.id in self:
+            raise ConflictError(f"The bank already has an adapter with id {req.id!r}; {REPLACE_HINT}.")
+        with writing(self.root, what="to the bank", nothing="nothing was added", hide=self.root / TMP), \
+                self._blobs.staging() as st:
+            entry, staged = self._prepare(st, req)
+            exists, = self._commit(st, [(entry, staged)], replace=replace)
+        row = entry.row
+        log.info("added %s (%s, base %s, rank %d, %d files)", req.id, row["format"], row["base_model"], row["rank"],
+                 len(staged))
+        if exists:
+            self._delete_unreferenced()
+        return self.get(req.id)
+
+    def add_many(
+        self,
+        items: Iterable[IngestItem],
+        *,
+        replace: bool = False,
+        batch_size: int = 256,
+        workers: int | None = None,
+        encoder: Any = None,
+        progress: Callable[[int], None] | None = None,
+        allow_pickle: bool = False,
+    ) -> IngestReport:
+        """Add many adapters: staged, hashed and validated by ``workers`` threads, committed one catalog
+        transaction per ``batch_size`` items, descriptions encoded ``batch_size`` at a time by ``encoder``.
+
+        A bad item is refused with its reason and the run goes on; an id the bank already has with the same
+        files is skipped as already present (so a rerun after a crash resumes), with other files it is
+        refused unless ``replace=True``. See :func:`adapterbank.bank.ingest.ingest` for the details.
+
+        >>> import tempfile, torch
+        >>> from adapterbank.bank.ingest import IngestItem
+        >>> from adapterbank.lora import LoraModule
+        >>> bank = Bank.init(tempfile.mkdtemp() + "/bank")
+        >>> ad = LoraAdapter({"fc": LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0, (2, 3))}, "toy-base")
+        >>> rep = bank.add_many([IngestItem(ad, id="a"), IngestItem(ad, id="b"), IngestItem("nowhere.safetensors")])
+        >>> rep.added, rep.refused[0].reason
+        (['a', 'b'], 'No adapter at nowhere.safetensors.')
+        >>> bank.add_many([IngestItem(ad, id="a")]).present
+        ['a']
+        """
+        from adapterbank.bank.ingest import ingest
+
+        return ingest(self, items, replace=replace, batch_size=batch_size, workers=workers, encoder=encoder,
+                      progress=progress, allow_pickle=allow_pickle)
+
+    def _request(
+        self, source: str | Path | LoraAdapter, *, id: str | None, prototype: Prototype | None,  # noqa: A002
+        description: str | None, tags: Sequence[str] | str | None, license: str | None,  # noqa: A002
+        source_url: str | None, base_model: str | None, format: str | None, allow_pickle: bool,  # noqa: A002
+    ) -> _AddRequest:
+        """The checked arguments of one add (reads nothing but whether the source exists; no catalog access)."""
         from adapterbank import formats
 
         if id is not None:
@@ -391,61 +470,66 @@ class Bank:
         if isinstance(source, LoraAdapter):
             if id is None:
                 raise InvalidNameError("An 'id' is required when adding a LoraAdapter object (it has no file name).")
-            src_path: Path | None = None
+            src: Path | LoraAdapter = source
         elif isinstance(source, (str, Path)):
-            src_path = Path(source)
-            if not src_path.exists():
-                raise FileNotFoundError(f"No adapter at {src_path}.")
-            id = id if id is not None else validate_name(_slug(src_path.resolve()))
+            src = Path(source)
+            if not src.exists():
+                raise FileNotFoundError(f"No adapter at {src}.")
+            id = id if id is not None else validate_name(_slug(src.resolve()))
         else:
             raise FormatError(f"add() takes a path or a LoraAdapter. Got {type(source).__name__} instead.")
-        if not replace and id in self:
-            raise ConflictError(f"The bank already has an adapter with id {id!r}; {REPLACE_HINT}.")
+        return _AddRequest(src, id, prototype, description, tag_list, license, source_url, base_model, format,
+                           allow_pickle)
 
-        with writing(self.root, what="to the bank", nothing="nothing was added", hide=self.root / TMP), \
-                self._blobs.staging() as st:
-            if isinstance(source, LoraAdapter):
-                bm_given = self._resolve_base_model(source.base_model, base_model, id)
-                fmt, layout, staged, adapter = self._stage_object(st, source, bm_given)
-            else:
-                fmt, layout, staged, adapter = self._stage_path(st, src_path, format, allow_pickle)
-            converted = adapter.metadata.pop("converted_from", None) is not None
-            extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
-            if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
-                # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
-                bm_conv = self._resolve_base_model(adapter.base_model, base_model, src_path)
-                _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub="conv")
-                extra.update(converted_from=fmt, layout="dir")
-                fmt = "peft"
-            bm = self._resolve_base_model(adapter.base_model, base_model, src_path or id)
-            ranks = adapter.ranks
-            if not ranks:
-                raise FormatError(f"{src_path or id}: the adapter has no LoRA modules.")
-            extra["size"] = sum(s for _, _, s in staged.values())
-            extra["n_params"] = adapter.n_params
-            row = {
-                "id": id, "base_model": bm, "format": fmt, "rank": max(ranks.values()),
-                "ranks": json.dumps(ranks, sort_keys=True), "targets": json.dumps(sorted(ranks)),
-                "source": source_url if source_url is not None else (str(src_path.resolve()) if src_path else None),
-                "description": description, "license": license, "tags": json.dumps(tag_list),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
-            }
-            entry = Entry(row, [(rel, sha, size) for rel, (_, sha, size) in staged.items()],
-                          [] if prototype is None else [prototype])
-            exists, = self._commit(st, [(entry, staged)], replace=replace)
-        log.info("added %s (%s, base %s, rank %d, %d files)", id, fmt, bm, row["rank"], len(staged))
-        if exists:
-            self._delete_unreferenced()
-        return self.get(id)
+    def _prepare(self, st: Staging, req: _AddRequest, sub: str = "", versions_json: str | None = None,
+                 ) -> tuple[Entry, dict[str, tuple[Path, str, int]]]:
+        """Stage the adapter's files (copied, hashed, fsynced) under ``<staging>/<sub>``, parse *those* bytes and
+        build its catalog entry: ``(Entry, rel name -> (staged path, sha256, size))``. Touches no catalog, so
+        several threads may prepare into one staging folder (each under its own ``sub``). ``versions_json``:
+        the card's ``versions`` (default: :func:`versions` now; it reads package metadata, ~4 ms)."""
+        files_sub, conv_sub = (sub, f"{sub}-conv") if sub else ("files", "conv")
+        src_path = req.src_path
+        if isinstance(req.source, LoraAdapter):
+            bm_given = self._resolve_base_model(req.source.base_model, req.base_model, req.id)
+            fmt, layout, staged, adapter = self._stage_object(st, req.source, bm_given, sub=files_sub)
+        else:
+            fmt, layout, staged, adapter = self._stage_path(st, req.source, req.format, req.allow_pickle,
+                                                            sub=files_sub)
+        converted = adapter.metadata.pop("converted_from", None) is not None
+        extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
+        if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
+            # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
+            bm_conv = self._resolve_base_model(adapter.base_model, req.base_model, src_path)
+            _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub=conv_sub)
+            extra.update(converted_from=fmt, layout="dir")
+            fmt = "peft"
+        bm = self._resolve_base_model(adapter.base_model, req.base_model, src_path or req.id)
+        ranks = adapter.ranks
+        if not ranks:
+            raise FormatError(f"{src_path or req.id}: the adapter has no LoRA modules.")
+        extra["size"] = sum(s for _, _, s in staged.values())
+        extra["n_params"] = adapter.n_params
+        row = {
+            "id": req.id, "base_model": bm, "format": fmt, "rank": max(ranks.values()),
+            "ranks": json.dumps(ranks, sort_keys=True), "targets": json.dumps(sorted(ranks)),
+            "source": req.source_url if req.source_url is not None else (str(src_path.resolve()) if src_path else None),
+            "description": req.description, "license": req.license, "tags": json.dumps(req.tags),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions_json or json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
+        }
+        entry = Entry(row, [(rel, sha, size) for rel, (_, sha, size) in staged.items()],
+                      [] if req.prototype is None else [req.prototype])
+        return entry, staged
 
     def _commit(self, st: Staging, batch: Sequence[tuple[Entry, Mapping[str, tuple[Path, str, int]]]], *,
-                replace: bool) -> builtins.list[bool]:
-        """Give the staged blobs their final names (outside the writer lock), then commit the entries in one
-        transaction that first re-checks the blobs (a concurrent gc may have removed one placed here)."""
+                replace: bool, placed: bool = False) -> builtins.list[bool]:
+        """Give the staged blobs their final names (outside the writer lock; ``placed``: the caller did), then
+        commit the entries in one transaction that first re-checks the blobs (a concurrent gc may have removed
+        one placed here)."""
         blobs = {sha: (p, size) for _, staged in batch for p, sha, size in staged.values()}
-        for sha, (p, size) in blobs.items():
-            self._blobs.put(p, sha, size, st.token)
+        if not placed:
+            for sha, (p, size) in blobs.items():
+                self._blobs.put(p, sha, size, st.token)
 
         def recheck() -> None:
             for sha, (p, size) in blobs.items():
@@ -456,8 +540,9 @@ class Bank:
 
     @staticmethod
     def _stage_path(st: Staging, src: Path, format: str | None,  # noqa: A002
-                    allow_pickle: bool) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
-        """Copy the adapter's original files into staging (hashing them) and parse *those* bytes."""
+                    allow_pickle: bool, sub: str = "files",
+                    ) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
+        """Copy the adapter's original files into ``<staging>/<sub>`` (hashing them) and parse *those* bytes."""
         from adapterbank import formats
 
         given = src
@@ -478,13 +563,13 @@ class Bank:
         staged = {}
         for rel, p in files.items():
             rel = _check_rel_name(rel, str(src))
-            staged[rel] = st.stage_file(Path(p), f"files/{rel}")
-        read_root = st.dir / "files" / (src.name if layout == "file" else "")
+            staged[rel] = st.stage_file(Path(p), f"{sub}/{rel}")
+        read_root = st.dir / sub / (src.name if layout == "file" else "")
         try:
             adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
             adapter.check_finite()
         except AdapterbankError as e:  # name the user's files, not our staging copy of them
-            renamed = renamed_paths(e, {read_root: given, st.dir / "files": src if layout == "dir" else src.parent})
+            renamed = renamed_paths(e, {read_root: given, st.dir / sub: src if layout == "dir" else src.parent})
             if renamed is e:
                 raise
             raise renamed from e.__cause__

@@ -5,12 +5,14 @@ Only this package (:mod:`adapterbank.cli`) configures logging and prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
@@ -172,7 +174,14 @@ def formats_cmd(json_out: bool = json_option()) -> None:
 @app.command()
 def add(
     bank: str = typer.Argument(..., help=BANK_HELP),
-    source: Path = typer.Argument(..., help="A PEFT folder, a kohya .safetensors file or a diffusers LoRA."),
+    sources: Optional[list[str]] = typer.Argument(
+        None, metavar="SOURCE...", show_default=False,
+        help="Adapters: PEFT folders, kohya/diffusers .safetensors files, folders to scan for them, glob patterns "
+             "(quoted globs are expanded here, ** recurses). One adapter takes the per-adapter options below."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="JSONL, one adapter per line: {\"source\": ..., \"id\", \"description\" or "
+        "\"samples\", \"tags\", \"base\", \"license\", \"source_url\"} (all but source optional; relative "
+        "paths are read from the manifest's folder)."),
     id: Optional[str] = typer.Option(None, "--id", help="Adapter id (default: the folder/file name)."),
     samples: Optional[Path] = typer.Option(None, help="JSONL/CSV/Parquet file or image folder of the task's data."),
     description: Optional[str] = typer.Option(None, help="Text description (prototype for adapters without data)."),
@@ -184,14 +193,72 @@ def add(
     license: Optional[str] = typer.Option(None),
     source_url: Optional[str] = typer.Option(None),
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
-    replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
-    batch_size: int = typer.Option(32),
+    replace: bool = typer.Option(False, help="Replace an existing adapter with the same id (an unchanged one is "
+                                 "left as it is when several are added)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Several adapters: adapters per catalog transaction and per encoder call (default "
+        "256). One adapter with --samples: samples per forward pass (default 32)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Several adapters: threads that copy, hash "
+                                          "and check them (default: 4 per core, at most 16)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
     lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP),
+    json_: bool = json_option(),
 ) -> None:
-    """Add an adapter (and its task prototype) to the bank."""
+    """Add adapters (and their task prototypes) to the bank: one, or many at once (folders, globs, --manifest).
+
+    Many: a bad one is reported and skipped; one the bank has with the same files is skipped (a rerun resumes).
+    Exit code 1 if any was refused.
+    """
+    sources = list(sources or [])
+    if not sources and manifest is None:
+        raise typer.BadParameter("Give at least one SOURCE (an adapter, a folder, a glob) or --manifest FILE.jsonl.")
+    if manifest is None and len(sources) == 1 and _one_adapter(sources[0]):
+        return _add_one(bank, Path(sources[0]), id=id, samples=samples, description=description, encoder=encoder,
+                        column=column, base=base, format=format, tags=tags, license=license, source_url=source_url,
+                        allow_pickle=allow_pickle, replace=replace, batch_size=32 if batch_size is None else batch_size,
+                        max_length=max_length, lock_timeout=lock_timeout, json_out=json_)
+    for flag, value in (("--id", id), ("--samples", samples), ("--description", description),
+                        ("--source-url", source_url), ("--column", column)):
+        if value is not None:
+            raise typer.BadParameter(f"{flag} describes one adapter; to add several, give it per adapter in a "
+                                     "--manifest row.")
+    _add_many(bank, sources, manifest, encoder=encoder, base=base, format=format, tags=tags, license=license,
+              allow_pickle=allow_pickle, replace=replace, batch_size=batch_size, workers=workers,
+              max_length=max_length, lock_timeout=lock_timeout, json_out=json_)
+
+
+def _one_adapter(source: str) -> bool:
+    """Whether SOURCE is one adapter (the single-adapter form of ``add``) rather than a folder or glob to scan."""
+    import glob
+
+    from adapterbank.errors import FormatError, UnsafeFileError
+    from adapterbank.formats import detect_format
+
+    p = Path(source)
+    if not p.exists():
+        return not glob.has_magic(source)  # a missing path: the single form says so, as it always did
+    if not p.is_dir():
+        return True
+    try:
+        detect_format(p)
+    except UnsafeFileError:
+        return True  # a pickle in a folder: one adapter (--allow-pickle converts it)
+    except (FormatError, OSError):
+        return False
+    return True
+
+
+def _add_one(bank: str, source: Path, *, id: str | None, samples: Path | None, description: str | None,
+             encoder: str | None, column: str | None, base: str | None, format: str | None, tags: str | None,
+             license: str | None, source_url: str | None, allow_pickle: bool, replace: bool, batch_size: int,
+             max_length: int | None, lock_timeout: float | None, json_out: bool) -> None:
+    """``adapterbank add BANK SOURCE``: one adapter, as before bulk adds existed."""
+    import time
+
+    from adapterbank.bank.ingest import IngestReport
     from adapterbank.prototypes import compute_prototype, describe
 
+    t0 = time.perf_counter()
     if max_length is not None and samples is None and description is None:
         raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
     b = _open(bank, lock_timeout)
@@ -205,10 +272,85 @@ def add(
         else:
             proto = describe(enc, description)
         b.remember_encoder(proto.space.key, spec)
+    n_before = len(b)
     card = b.add(source, id=id, prototype=proto, description=description, tags=csv_list(tags), license=license,
                  source_url=source_url, base_model=base, format=format, allow_pickle=allow_pickle, replace=replace)
+    if json_out:
+        rep = IngestReport(added=[card.id], replaced=[card.id] if replace and len(b) == n_before else [],
+                           encoded=int(proto is not None),
+                           elapsed_s=time.perf_counter() - t0)
+        return print_json(rep.to_dict())
     console.print(f"Added [bold]{card.id}[/bold] ({card.format}, base {card.base_model}, rank {card.rank}, "
                   f"{len(card.targets)} modules)" + (f", prototype in {proto.space.key}" if proto else ", no prototype"))
+
+
+def _add_many(bank: str, sources: list[str], manifest: Path | None, *, encoder: str | None, base: str | None,
+              format: str | None, tags: str | None, license: str | None, allow_pickle: bool, replace: bool,
+              batch_size: int | None, workers: int | None, max_length: int | None, lock_timeout: float | None,
+              json_out: bool) -> None:
+    """``adapterbank add BANK SOURCE... [--manifest M]``: many adapters, one encoder, a progress bar, a summary."""
+    import glob
+
+    from rich.markup import escape
+
+    from adapterbank.bank.ingest import IngestItem, Refusal, expand_sources, read_manifest
+    from adapterbank.cli.render import err
+
+    defaults: dict[str, Any] = {"tags": csv_list(tags), "base_model": base, "license": license, "format": format}
+    items: list[IngestItem] = []
+    empty: list[Refusal] = []
+    for s in sources:
+        if not glob.has_magic(s):
+            _local(s, "SOURCE")
+        found = expand_sources([s])
+        if not found:
+            empty.append(Refusal(s, None, "FormatError", f"{s}: no adapters in it (PEFT folders with "
+                                 "adapter_config.json, .safetensors files)."))
+        items += [IngestItem(p, **defaults) for p in found]
+    if manifest is not None:
+        items += read_manifest(_local(manifest, "--manifest"), defaults=defaults)
+    wants_encoder = any(it.description is not None or it.samples is not None for it in items)
+    if max_length is not None and not wants_encoder:
+        raise typer.BadParameter("--max-length sets the encoder of the manifest's descriptions or samples; "
+                                 "there are none.")
+    b = _open(bank, lock_timeout)
+    enc, spec = _encoder(encoder, b, max_length) if wants_encoder else (None, None)  # one encoder for the run
+    with _ingest_progress(len(items), enabled=sys.stderr.isatty()) as advance:
+        rep = b.add_many(items, replace=replace, batch_size=256 if batch_size is None else batch_size,
+                         workers=workers, encoder=enc, progress=advance, allow_pickle=allow_pickle)
+    if enc is not None and rep.encoded:
+        b.remember_encoder(enc.space.key, spec)
+    rep.refused += empty
+    if json_out:
+        print_json(rep.to_dict())
+    else:
+        console.print(rep.summary())
+        for r in rep.refused:
+            err.print(f"[red]refused[/red] {escape(r.reason)}")
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@contextlib.contextmanager
+def _ingest_progress(total: int, *, enabled: bool, console: Any = None) -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar (done/total, adapters/s, ETA) on stderr (or ``console``) when ``enabled``; yields its
+    ``advance(n)``."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from adapterbank.cli.render import err
+
+    with Progress(TextColumn("adding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console or err) as bar:
+        task = bar.add_task("add", total=total, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.0f} adapters/s" if speed else "")
+
+        yield advance
 
 
 @app.command("list")
