@@ -241,7 +241,6 @@ def _prepare_one(bank: Bank, b: _Batch, sub: str, item: IngestItem, req: _AddReq
                  existing: Mapping[str, str] | None, existing_source: str | None, replace: bool,
                  versions_json: str) -> _Result:
     """Stage, parse and place one item (a worker thread); decide add / already present / refused."""
-    from adapterbank.bank.store import TMP
 
     def conflict() -> _Result:
         e = ConflictError(f"The bank already has an adapter with id {req.id!r} with other files (from "
@@ -255,7 +254,7 @@ def _prepare_one(bank: Bank, b: _Batch, sub: str, item: IngestItem, req: _AddReq
         if same is False and not replace:
             return conflict()
     try:
-        with writing(bank.root, what="to the bank", nothing="nothing more was added", hide=Path(bank.root) / TMP):
+        with writing(bank._local_dir, what="to the bank", nothing="nothing more was added", hide=bank._staging_dir):
             entry, staged = bank._prepare(b.st, req, sub, versions_json)
             if existing is None or replace:
                 _place(bank, b, staged)
@@ -362,7 +361,6 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
     >>> ingest(bank, [IngestItem(ad, id=f"a{i}") for i in range(5)], batch_size=2).added
     ['a0', 'a1', 'a2', 'a3', 'a4']
     """
-    from adapterbank.bank.store import TMP
 
     batch_size = check_int(batch_size, "batch_size", "add_many", low=1)
     workers = check_int(workers, "workers", "add_many", low=1, optional=True) or DEFAULT_WORKERS
@@ -414,8 +412,8 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
             results = [f.result() if isinstance(f, cf.Future) else f for f in b.futures]
             _make_prototypes([(k, r) for k, r in enumerate(results) if r.kind == "add"], encoder, report, early)
             to_add = [r for r in results if r.kind == "add"]
-            with writing(bank.root, what="to the bank", nothing="nothing more was added",
-                         hide=Path(bank.root) / TMP):
+            with writing(bank._local_dir, what="to the bank", nothing="nothing more was added",
+                         hide=bank._staging_dir):
                 _commit_batch(bank, b.st, to_add, replace, report)
         except BaseException:
             _drop(b)

@@ -357,6 +357,16 @@ class Bank:
         return f"Bank({str(self.root)!r})"
 
     @property
+    def _local_dir(self) -> Path:
+        """The local folder an add writes into: the bank folder, or (server backend) the staging folder."""
+        return self.root if isinstance(self.root, Path) else self._staging_dir
+
+    @property
+    def _staging_dir(self) -> Path:
+        st = getattr(self._blobs, "staging_dir", None) or getattr(self._blobs, "tmp", None)
+        return Path(st) if st is not None else Path(tempfile.gettempdir())
+
+    @property
     def blobs_location(self) -> str:
         """Where the blobs are: ``<bank>/blobs`` or the object-store URL."""
         return self._blobs.location
@@ -403,7 +413,7 @@ class Bank:
                             allow_pickle=allow_pickle)
         if not replace and req.id in self:
             raise ConflictError(f"The bank already has an adapter with id {req.id!r}; {REPLACE_HINT}.")
-        with writing(self.root, what="to the bank", nothing="nothing was added", hide=self.root / TMP), \
+        with writing(self._local_dir, what="to the bank", nothing="nothing was added", hide=self._staging_dir), \
                 self._blobs.staging() as st:
             entry, staged = self._prepare(st, req)
             exists, = self._commit(st, [(entry, staged)], replace=replace)
