@@ -182,3 +182,23 @@ def test_cli_on_the_server_backend_and_migrate_both_ways(pg_server: Any, s3_env:
     back = Bank.open(tmp_path / "back")
     assert [c.files for c in back.list()] == [c.files for c in src.list()]
     assert back.encoders() == {SPACE.key: "default"}
+
+
+def test_bulk_ingest_on_both_backends_resumes(any_bank: Bank, tmp_path: Path) -> None:
+    from adapterbank.bank.ingest import IngestItem
+    from adapterbank.formats import write_adapter
+
+    items = []
+    for i in range(7):
+        write_adapter(adapter(i), tmp_path / f"src{i}", format="peft")
+        items.append(IngestItem(tmp_path / f"src{i}", id=f"b{i}", prototype=proto(i), tags=["bulk"]))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    items.append(IngestItem(tmp_path / "bad", id="bad"))
+    rep = any_bank.add_many(items[:4], batch_size=2, workers=2)
+    assert rep.added == ["b0", "b1", "b2", "b3"] and not rep.refused
+    rep = any_bank.add_many(items, batch_size=3, workers=2)  # a rerun after an interruption
+    assert sorted(rep.present) == ["b0", "b1", "b2", "b3"] and sorted(rep.added) == ["b4", "b5", "b6"]
+    assert [r.source for r in rep.refused] and "bad" in str(rep.refused[0])
+    assert len(any_bank) == 7 and any_bank.verify().ok
+    assert [h.id for h in any_bank.search(proto(5), k=1)] == ["b5"]
