@@ -209,6 +209,8 @@ def test_evaluate_tells_lambda_at_hull_once(bank: Any) -> None:
         res = evaluate(bank, _score, strategies=["sparse"], k=3, sweep_lam=[1e3, 1e6], baselines=())
     hull = [w for w in rec if w.category is LambdaAtHullWarning]
     e = [r.effective_params for r in res.records if r.method == "sparse"]
-    at_hull = [p for p in e if p["lam"] >= p["lam_max"] > 0]
+    # the main table uses the default lam_frac = 1 (the hull, asked for: no warning); the λ sweep gives absolute λ
+    at_hull = [r.effective_params for r in res.records if r.method == "sparse" and r.sweep == "lam"
+               and r.effective_params["lam"] >= r.effective_params["lam_max"] > 0]
     assert len(e) == 3 * len(IDS) and len(at_hull) >= 2  # at least the two large λ of the sweep for one target
     assert len(hull) == 1 and f"in {len(at_hull)} composition(s)" in str(hull[0].message)

@@ -104,6 +104,17 @@ class PoolSmallerThanKWarning(AdapterbankWarning):
     """Fewer adapters matched than the ``k`` asked for; the smaller pool was used."""
 
 
+class KohyaTextEncoderWarning(AdapterbankWarning):
+    """A kohya file holds text-encoder LoRAs, which diffusers' own kohya loader mishandles.
+
+    diffusers' kohya converter renames CLIP attention keys to its legacy ``to_q_lora`` spelling and keys
+    their per-module alphas under that spelling, so they do not reach PEFT's config: with per-module alphas
+    text-encoder attention LoRAs load with the wrong scale (measured with diffusers 0.42), and they have been
+    seen dropped (a diffusers bug; our
+    reading of the file is right). The diffusers format (``--format diffusers``) has no such problem.
+    """
+
+
 class LambdaAtHullWarning(AdapterbankWarning):
     """The sparse strategy's λ is at or above λ_max: its weights are the projection onto the convex hull of the
     retrieved prototypes (no negative weight), and a larger λ changes nothing."""

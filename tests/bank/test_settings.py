@@ -37,7 +37,7 @@ def test_settings_round_trip_and_bump_the_version(tmp_path: Path) -> None:
 def test_settings_refuse_bad_keys_and_non_json(tmp_path: Path) -> None:
     bank = Bank.init(tmp_path / "bank")
     v0 = bank.version
-    for key in ("", "  ", 3, "x" * 201):
+    for key in ("", "  ", 3, "x" * 1001):
         with pytest.raises(ParameterError, match="'key'"):
             bank.set_setting(key, 1)  # type: ignore[arg-type]
     with pytest.raises(FormatError, match="JSON"):
@@ -60,3 +60,28 @@ def test_settings_table_created_on_first_write_in_an_older_catalog(tmp_path: Pat
     bank.close()
     with Bank.open(tmp_path / "bank") as again:
         assert again.get_setting("compose.auto") == {"strategy": "avg"} and again.verify().ok
+
+
+def test_encoders_live_in_the_catalog_one_setting_per_space(tmp_path: Path) -> None:
+    a = Bank.init(tmp_path / "bank")
+    b = Bank.open(tmp_path / "bank")
+    assert a.encoders() == {}
+    a.remember_encoder("enc-x@r1|mean|l2|8", "default")
+    b.remember_encoder("enc-y@r1|mean|l2|4", "mod:fn")  # another handle, another space: neither is lost
+    v = a.version
+    a.remember_encoder("enc-x@r1|mean|l2|8", "default")  # unchanged: no write
+    assert a.version == v
+    assert a.encoders() == b.encoders() == {"enc-x@r1|mean|l2|8": "default", "enc-y@r1|mean|l2|4": "mod:fn"}
+    assert not (tmp_path / "bank" / "encoders.json").exists()
+    with pytest.raises(ParameterError, match="non-empty string"):
+        a.remember_encoder("k", "")
+
+
+def test_legacy_encoders_json_is_read_and_the_catalog_wins(tmp_path: Path) -> None:
+    bank = Bank.init(tmp_path / "bank")
+    (tmp_path / "bank" / "encoders.json").write_text(json.dumps({"old|mean|l2|8": "/models/old", "x|mean|l2|8": "a"}))
+    bank.remember_encoder("x|mean|l2|8", "b")
+    assert bank.encoders() == {"old|mean|l2|8": "/models/old", "x|mean|l2|8": "b"}
+    (tmp_path / "bank" / "encoders.json").write_text("{not json")
+    with pytest.raises(Exception, match="encoders.json: cannot read the recorded encoders"):
+        bank.encoders()

@@ -14,7 +14,8 @@ The contract both honour (tests/bank/test_backend_contract.py checks it on both)
 * **One writer section at a time.** :meth:`CatalogBackend.commit`, :meth:`~CatalogBackend.remove`,
   :meth:`~CatalogBackend.set_prototype`, :meth:`~CatalogBackend.set_setting` and
   :meth:`~CatalogBackend.collect_garbage` each run in one transaction that holds the bank's writer lock
-  (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-level advisory lock), and bump :meth:`version`.
+  (SQLite ``BEGIN IMMEDIATE``; PostgreSQL a transaction-level advisory lock); all but ``collect_garbage``
+  (which changes no row) bump :meth:`version`.
   Nothing half-registered is ever visible to readers.
 * **A card never points at a missing blob.** Bank uploads/places every blob *before* ``commit``, and
   ``commit`` calls ``under_lock()`` inside the writer section before it inserts (Bank re-checks its blobs
@@ -147,6 +148,10 @@ class CatalogBackend(Protocol):
     def get_setting(self, key: str) -> str | None: ...
 
     def set_setting(self, key: str, value: str | None) -> None: ...
+
+    def settings(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``: key -> JSON text, sorted by key."""
+        ...
 
     def file_rows(self) -> list[tuple[str, str, str, int]]:
         """Every file row ``(adapter_id, name, sha256, size)`` sorted by adapter id and name."""

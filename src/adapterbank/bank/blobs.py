@@ -187,6 +187,9 @@ class BlobStore:
                     _copy_hashing(fi, fo)
                 os.chmod(tmp, 0o444)
             os.replace(tmp, final)
+            # rename() of one link onto another link of the same inode does nothing: the temp name stays
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         except BaseException:  # disk full, permission denied, ...: leave no temp file behind
             with contextlib.suppress(OSError):
                 tmp.unlink()

@@ -343,6 +343,15 @@ class Catalog:
             row = c.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
+    def settings(self, prefix: str) -> dict[str, str]:
+        """Every setting whose key starts with ``prefix``: key -> JSON text, sorted by key."""
+        with self.read() as c:
+            if not self.has_settings(c):
+                return {}
+            rows = c.execute("SELECT key, value FROM settings WHERE substr(key, 1, ?) = ? ORDER BY key",
+                             (len(prefix), prefix)).fetchall()
+        return {str(k): str(v) for k, v in rows}
+
     def set_setting(self, key: str, value: str | None) -> None:
         """Store the JSON text ``value`` under ``key`` (``None`` deletes it) in one write transaction that also
         bumps the version; creates the ``settings`` table first in a bank that has none."""

@@ -24,13 +24,14 @@ import builtins
 import datetime as _dt
 import json
 import logging
+import os
 import re
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -67,12 +68,41 @@ from adapterbank.errors import (
 from adapterbank.lora import LoraAdapter
 from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
+if TYPE_CHECKING:
+    from adapterbank.bank.ingest import IngestItem, IngestReport
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION"]
+__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION", "is_url", "redact_url"]
+
+#: The environment variable naming the blob store (an fsspec URL) of a new server bank.
+BLOBS_ENV = "ADAPTERBANK_BLOBS"
+BLOBS_SETTING = "storage.blobs"
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: object) -> bool:
+    """Whether a bank argument is a URL (server backend) rather than a folder.
+
+    >>> is_url("postgresql://me@db/adapters"), is_url("./bank"), is_url(Path("bank"))
+    (True, False, False)
+    """
+    return isinstance(path, str) and _URL.match(path) is not None
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password, for messages.
+
+    >>> redact_url("postgresql://me:secret@db:5432/adapters")
+    'postgresql://me:***@db:5432/adapters'
+    """
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 BLOBS = "blobs"
 TMP = "tmp"
+#: Settings key prefix of the encoder spec of each prototype space (Bank.remember_encoder).
+ENCODER_SETTING = "encoder:"
+LEGACY_ENCODERS_FILE = "encoders.json"
 MAX_TAGS = 64
 MAX_TAG_LEN = 100
 MAX_TEXT_LEN = 100_000
@@ -169,6 +199,26 @@ def _check_rel_name(name: str, where: str) -> str:
     return "/".join(parts)
 
 
+@dataclass(frozen=True)
+class _AddRequest:
+    """The checked arguments of one add (:meth:`Bank._request`), before any file is read or staged."""
+
+    source: Path | LoraAdapter
+    id: str
+    prototype: Prototype | None
+    description: str | None
+    tags: list[str]
+    license: str | None
+    source_url: str | None
+    base_model: str | None
+    format: str | None
+    allow_pickle: bool
+
+    @property
+    def src_path(self) -> Path | None:
+        return self.source if isinstance(self.source, Path) else None
+
+
 def _card(cr: CardRow) -> Card:
     r = {k: cr.row[k] for k in CARD_COLUMNS}
     for k in ("ranks", "targets", "tags", "versions", "extra"):
@@ -205,13 +255,21 @@ class Bank:
 
     # -- lifecycle --------------------------------------------------------------------------------
     @classmethod
-    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Create an empty bank in ``path`` (a new or empty directory). ``lock_timeout``: see :meth:`open`.
+    def init(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Create an empty bank in ``path``: a new or empty directory (embedded backend), or a
+        ``postgresql://`` URL (server backend: catalog and prototypes in PostgreSQL + pgvector, blobs at the
+        fsspec URL ``blobs``, default ``$ADAPTERBANK_BLOBS``, recorded in the catalog). ``lock_timeout``: see
+        :meth:`open`.
 
         >>> import tempfile
         >>> Bank.init(tempfile.mkdtemp()).list()
         []
         """
+        if is_url(path):
+            return cls._server(str(path), create=True, blobs=blobs, lock_timeout=lock_timeout)
+        if blobs is not None:
+            raise ParameterError("blobs= is for the server backend (a postgresql:// bank); an embedded bank keeps its "
+                                 f"blobs in {Path(path) / BLOBS}.")
         root = Path(path)
         if (root / CATALOG).exists():
             raise BankError(f"{root} is already a bank; open it with Bank.open.")
@@ -226,8 +284,10 @@ class Bank:
         return cls(root, cat)
 
     @classmethod
-    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> Bank:
-        """Open an existing bank; :class:`BankError` if it is missing, not a bank or of a newer format.
+    def open(cls, path: str | Path, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT, blobs: str | None = None) -> Bank:
+        """Open an existing bank (a folder or a ``postgresql://`` URL); :class:`BankError` if it is missing, not a
+        bank or of a newer format. A server bank's blobs are at the URL recorded by :meth:`init` (``blobs=``
+        overrides it, e.g. another endpoint of the same bucket).
 
         ``lock_timeout``: how many seconds a write (add, remove, gc, ...) waits while another process is
         writing to the bank (a warning is logged after one second) before it fails with :class:`BankError`.
@@ -238,6 +298,8 @@ class Bank:
         ...
         adapterbank.errors.BankError: ... is not a bank: it has no catalog.sqlite.
         """
+        if is_url(path):
+            return cls._server(str(path), create=False, blobs=blobs, lock_timeout=lock_timeout)
         root = Path(path)
         if not root.is_dir():
             raise BankError(f"No bank at {root}: the directory does not exist.")
@@ -250,6 +312,38 @@ class Bank:
                     (root / sub).mkdir(exist_ok=True)
         return bank
 
+    @classmethod
+    def _server(cls, url: str, *, create: bool, blobs: str | None, lock_timeout: float) -> Bank:
+        """The server backend: :class:`~adapterbank.bank.pg.PgCatalog` + :class:`~adapterbank.bank.remote_blobs.FsspecBlobStore`."""
+        scheme = url.split("://", 1)[0].lower()
+        if scheme not in ("postgresql", "postgres"):
+            raise BankError(f"Unknown bank URL scheme {scheme!r} in {redact_url(url)}: a bank is a folder (embedded) or "
+                            "a postgresql:// URL (server backend).")
+        try:
+            from adapterbank.bank.pg import PgCatalog
+            from adapterbank.bank.remote_blobs import FsspecBlobStore
+        except ImportError as e:
+            raise BankError(f"The server backend ({redact_url(url)}) needs the 'server' extra: "
+                            f"pip install 'adapterbank[server]' ({e}).") from None
+        if create:
+            blobs = blobs or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                raise BankError(f"Where should the weights of {redact_url(url)} live? Set {BLOBS_ENV} to an fsspec URL "
+                                f"(e.g. s3://bucket/adapterbank; S3 credentials and endpoint from the usual AWS_* "
+                                f"variables) or pass blobs=.")
+            store = FsspecBlobStore(blobs)  # fails on a bad URL before the catalog is created
+            cat = PgCatalog.create(url, lock_timeout=lock_timeout)
+            cat.set_setting(BLOBS_SETTING, json.dumps(blobs))
+        else:
+            cat = PgCatalog.open(url, lock_timeout=lock_timeout)
+            recorded = cat.get_setting(BLOBS_SETTING)
+            blobs = blobs or (json.loads(recorded) if recorded else None) or os.environ.get(BLOBS_ENV)
+            if not blobs:
+                cat.close()
+                raise BankError(f"The bank {redact_url(url)} records no blob store; set {BLOBS_ENV} or pass blobs=.")
+            store = FsspecBlobStore(blobs)
+        return cls(cat.location, cat, store)
+
     def close(self) -> None:
         self._cat.close()
 
@@ -261,6 +355,21 @@ class Bank:
 
     def __repr__(self) -> str:
         return f"Bank({str(self.root)!r})"
+
+    @property
+    def _local_dir(self) -> Path:
+        """The local folder an add writes into: the bank folder, or (server backend) the staging folder."""
+        return self.root if isinstance(self.root, Path) else self._staging_dir
+
+    @property
+    def _staging_dir(self) -> Path:
+        st = getattr(self._blobs, "staging_dir", None) or getattr(self._blobs, "tmp", None)
+        return Path(st) if st is not None else Path(tempfile.gettempdir())
+
+    @property
+    def blobs_location(self) -> str:
+        """Where the blobs are: ``<bank>/blobs`` or the object-store URL."""
+        return self._blobs.location
 
     @property
     def version(self) -> int:
@@ -297,8 +406,64 @@ class Bank:
         The original files are stored bit for bit; a :class:`LoraAdapter` is stored as PEFT files, and a
         legacy pickle file (only with ``allow_pickle=True``) is stored converted to PEFT safetensors.
         An existing id raises :class:`ConflictError` unless ``replace=True``. See the class docstring
-        for an example.
+        for an example; :meth:`add_many` adds many adapters at once (the same checks, one code path).
         """
+        req = self._request(source, id=id, prototype=prototype, description=description, tags=tags,
+                            license=license, source_url=source_url, base_model=base_model, format=format,
+                            allow_pickle=allow_pickle)
+        if not replace and req.id in self:
+            raise ConflictError(f"The bank already has an adapter with id {req.id!r}; {REPLACE_HINT}.")
+        with writing(self._local_dir, what="to the bank", nothing="nothing was added", hide=self._staging_dir), \
+                self._blobs.staging() as st:
+            entry, staged = self._prepare(st, req)
+            exists, = self._commit(st, [(entry, staged)], replace=replace)
+        row = entry.row
+        log.info("added %s (%s, base %s, rank %d, %d files)", req.id, row["format"], row["base_model"], row["rank"],
+                 len(staged))
+        if exists:
+            self._delete_unreferenced()
+        return self.get(req.id)
+
+    def add_many(
+        self,
+        items: Iterable[IngestItem],
+        *,
+        replace: bool = False,
+        batch_size: int = 256,
+        workers: int | None = None,
+        encoder: Any = None,
+        progress: Callable[[int], None] | None = None,
+        allow_pickle: bool = False,
+    ) -> IngestReport:
+        """Add many adapters: staged, hashed and validated by ``workers`` threads, committed one catalog
+        transaction per ``batch_size`` items, descriptions encoded ``batch_size`` at a time by ``encoder``.
+
+        A bad item is refused with its reason and the run goes on; an id the bank already has with the same
+        files is skipped as already present (so a rerun after a crash resumes), with other files it is
+        refused unless ``replace=True``. See :func:`adapterbank.bank.ingest.ingest` for the details.
+
+        >>> import tempfile, torch
+        >>> from adapterbank.bank.ingest import IngestItem
+        >>> from adapterbank.lora import LoraModule
+        >>> bank = Bank.init(tempfile.mkdtemp() + "/bank")
+        >>> ad = LoraAdapter({"fc": LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0, (2, 3))}, "toy-base")
+        >>> rep = bank.add_many([IngestItem(ad, id="a"), IngestItem(ad, id="b"), IngestItem("nowhere.safetensors")])
+        >>> rep.added, rep.refused[0].reason
+        (['a', 'b'], 'No adapter at nowhere.safetensors.')
+        >>> bank.add_many([IngestItem(ad, id="a")]).present
+        ['a']
+        """
+        from adapterbank.bank.ingest import ingest
+
+        return ingest(self, items, replace=replace, batch_size=batch_size, workers=workers, encoder=encoder,
+                      progress=progress, allow_pickle=allow_pickle)
+
+    def _request(
+        self, source: str | Path | LoraAdapter, *, id: str | None, prototype: Prototype | None,  # noqa: A002
+        description: str | None, tags: Sequence[str] | str | None, license: str | None,  # noqa: A002
+        source_url: str | None, base_model: str | None, format: str | None, allow_pickle: bool,  # noqa: A002
+    ) -> _AddRequest:
+        """The checked arguments of one add (reads nothing but whether the source exists; no catalog access)."""
         from adapterbank import formats
 
         if id is not None:
@@ -315,61 +480,66 @@ class Bank:
         if isinstance(source, LoraAdapter):
             if id is None:
                 raise InvalidNameError("An 'id' is required when adding a LoraAdapter object (it has no file name).")
-            src_path: Path | None = None
+            src: Path | LoraAdapter = source
         elif isinstance(source, (str, Path)):
-            src_path = Path(source)
-            if not src_path.exists():
-                raise FileNotFoundError(f"No adapter at {src_path}.")
-            id = id if id is not None else validate_name(_slug(src_path.resolve()))
+            src = Path(source)
+            if not src.exists():
+                raise FileNotFoundError(f"No adapter at {src}.")
+            id = id if id is not None else validate_name(_slug(src.resolve()))
         else:
             raise FormatError(f"add() takes a path or a LoraAdapter. Got {type(source).__name__} instead.")
-        if not replace and id in self:
-            raise ConflictError(f"The bank already has an adapter with id {id!r}; {REPLACE_HINT}.")
+        return _AddRequest(src, id, prototype, description, tag_list, license, source_url, base_model, format,
+                           allow_pickle)
 
-        with writing(self.root, what="to the bank", nothing="nothing was added", hide=self.root / TMP), \
-                self._blobs.staging() as st:
-            if isinstance(source, LoraAdapter):
-                bm_given = self._resolve_base_model(source.base_model, base_model, id)
-                fmt, layout, staged, adapter = self._stage_object(st, source, bm_given)
-            else:
-                fmt, layout, staged, adapter = self._stage_path(st, src_path, format, allow_pickle)
-            converted = adapter.metadata.pop("converted_from", None) is not None
-            extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
-            if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
-                # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
-                bm_conv = self._resolve_base_model(adapter.base_model, base_model, src_path)
-                _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub="conv")
-                extra.update(converted_from=fmt, layout="dir")
-                fmt = "peft"
-            bm = self._resolve_base_model(adapter.base_model, base_model, src_path or id)
-            ranks = adapter.ranks
-            if not ranks:
-                raise FormatError(f"{src_path or id}: the adapter has no LoRA modules.")
-            extra["size"] = sum(s for _, _, s in staged.values())
-            extra["n_params"] = adapter.n_params
-            row = {
-                "id": id, "base_model": bm, "format": fmt, "rank": max(ranks.values()),
-                "ranks": json.dumps(ranks, sort_keys=True), "targets": json.dumps(sorted(ranks)),
-                "source": source_url if source_url is not None else (str(src_path.resolve()) if src_path else None),
-                "description": description, "license": license, "tags": json.dumps(tag_list),
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "versions": json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
-            }
-            entry = Entry(row, [(rel, sha, size) for rel, (_, sha, size) in staged.items()],
-                          [] if prototype is None else [prototype])
-            exists, = self._commit(st, [(entry, staged)], replace=replace)
-        log.info("added %s (%s, base %s, rank %d, %d files)", id, fmt, bm, row["rank"], len(staged))
-        if exists:
-            self._delete_unreferenced()
-        return self.get(id)
+    def _prepare(self, st: Staging, req: _AddRequest, sub: str = "", versions_json: str | None = None,
+                 ) -> tuple[Entry, dict[str, tuple[Path, str, int]]]:
+        """Stage the adapter's files (copied, hashed, fsynced) under ``<staging>/<sub>``, parse *those* bytes and
+        build its catalog entry: ``(Entry, rel name -> (staged path, sha256, size))``. Touches no catalog, so
+        several threads may prepare into one staging folder (each under its own ``sub``). ``versions_json``:
+        the card's ``versions`` (default: :func:`versions` now; it reads package metadata, ~4 ms)."""
+        files_sub, conv_sub = (sub, f"{sub}-conv") if sub else ("files", "conv")
+        src_path = req.src_path
+        if isinstance(req.source, LoraAdapter):
+            bm_given = self._resolve_base_model(req.source.base_model, req.base_model, req.id)
+            fmt, layout, staged, adapter = self._stage_object(st, req.source, bm_given, sub=files_sub)
+        else:
+            fmt, layout, staged, adapter = self._stage_path(st, req.source, req.format, req.allow_pickle,
+                                                            sub=files_sub)
+        converted = adapter.metadata.pop("converted_from", None) is not None
+        extra: dict[str, Any] = {"layout": layout, "metadata": jsonable(adapter.metadata)}
+        if converted or any(PurePosixPath(r).suffix.lower() in _PICKLE_SUFFIXES for r in staged):
+            # Legacy pickle, converted on explicit opt-in: store the safetensors conversion, never the pickle.
+            bm_conv = self._resolve_base_model(adapter.base_model, req.base_model, src_path)
+            _, _, staged, _ = self._stage_object(st, adapter, bm_conv, sub=conv_sub)
+            extra.update(converted_from=fmt, layout="dir")
+            fmt = "peft"
+        bm = self._resolve_base_model(adapter.base_model, req.base_model, src_path or req.id)
+        ranks = adapter.ranks
+        if not ranks:
+            raise FormatError(f"{src_path or req.id}: the adapter has no LoRA modules.")
+        extra["size"] = sum(s for _, _, s in staged.values())
+        extra["n_params"] = adapter.n_params
+        row = {
+            "id": req.id, "base_model": bm, "format": fmt, "rank": max(ranks.values()),
+            "ranks": json.dumps(ranks, sort_keys=True), "targets": json.dumps(sorted(ranks)),
+            "source": req.source_url if req.source_url is not None else (str(src_path.resolve()) if src_path else None),
+            "description": req.description, "license": req.license, "tags": json.dumps(req.tags),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions_json or json.dumps(versions(), sort_keys=True), "extra": json.dumps(extra, sort_keys=True),
+        }
+        entry = Entry(row, [(rel, sha, size) for rel, (_, sha, size) in staged.items()],
+                      [] if req.prototype is None else [req.prototype])
+        return entry, staged
 
     def _commit(self, st: Staging, batch: Sequence[tuple[Entry, Mapping[str, tuple[Path, str, int]]]], *,
-                replace: bool) -> builtins.list[bool]:
-        """Give the staged blobs their final names (outside the writer lock), then commit the entries in one
-        transaction that first re-checks the blobs (a concurrent gc may have removed one placed here)."""
+                replace: bool, placed: bool = False) -> builtins.list[bool]:
+        """Give the staged blobs their final names (outside the writer lock; ``placed``: the caller did), then
+        commit the entries in one transaction that first re-checks the blobs (a concurrent gc may have removed
+        one placed here)."""
         blobs = {sha: (p, size) for _, staged in batch for p, sha, size in staged.values()}
-        for sha, (p, size) in blobs.items():
-            self._blobs.put(p, sha, size, st.token)
+        if not placed:
+            for sha, (p, size) in blobs.items():
+                self._blobs.put(p, sha, size, st.token)
 
         def recheck() -> None:
             for sha, (p, size) in blobs.items():
@@ -380,8 +550,9 @@ class Bank:
 
     @staticmethod
     def _stage_path(st: Staging, src: Path, format: str | None,  # noqa: A002
-                    allow_pickle: bool) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
-        """Copy the adapter's original files into staging (hashing them) and parse *those* bytes."""
+                    allow_pickle: bool, sub: str = "files",
+                    ) -> tuple[str, str, dict[str, tuple[Path, str, int]], LoraAdapter]:
+        """Copy the adapter's original files into ``<staging>/<sub>`` (hashing them) and parse *those* bytes."""
         from adapterbank import formats
 
         given = src
@@ -402,13 +573,13 @@ class Bank:
         staged = {}
         for rel, p in files.items():
             rel = _check_rel_name(rel, str(src))
-            staged[rel] = st.stage_file(Path(p), f"files/{rel}")
-        read_root = st.dir / "files" / (src.name if layout == "file" else "")
+            staged[rel] = st.stage_file(Path(p), f"{sub}/{rel}")
+        read_root = st.dir / sub / (src.name if layout == "file" else "")
         try:
             adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
             adapter.check_finite()
         except AdapterbankError as e:  # name the user's files, not our staging copy of them
-            renamed = renamed_paths(e, {read_root: given, st.dir / "files": src if layout == "dir" else src.parent})
+            renamed = renamed_paths(e, {read_root: given, st.dir / sub: src if layout == "dir" else src.parent})
             if renamed is e:
                 raise
             raise renamed from e.__cause__
@@ -586,9 +757,9 @@ class Bank:
     # -- settings ---------------------------------------------------------------------------------
     @staticmethod
     def _check_setting_key(key: object) -> str:
-        if not isinstance(key, str) or not key.strip() or len(key) > 200:
+        if not isinstance(key, str) or not key.strip() or len(key) > 1000:
             raise ParameterError(f"The 'key' parameter of Bank.set_setting/get_setting must be a non-empty string of "
-                                 f"at most 200 characters (e.g. 'compose.auto'). Got {key!r} instead.")
+                                 f"at most 1000 characters (e.g. 'compose.auto'). Got {key!r} instead.")
         return key
 
     def set_setting(self, key: str, value: Any) -> None:
@@ -615,6 +786,38 @@ class Bank:
         """The value stored under ``key`` by :meth:`set_setting`, or ``default``."""
         text = self._cat.get_setting(self._check_setting_key(key))
         return default if text is None else json.loads(text)
+
+    def remember_encoder(self, space_key: str, spec: str) -> None:
+        """Record that the prototypes of ``space_key`` are made by the encoder ``spec`` (what ``--encoder`` was),
+        so later commands default to it. One setting per space (``encoder:<space key>``) in the catalog, so
+        concurrent writers of different spaces never lose each other's record and the server backend keeps it.
+
+        >>> import tempfile
+        >>> bank = Bank.init(tempfile.mkdtemp())
+        >>> bank.remember_encoder("minilm@r1|mean|l2|384", "default")
+        >>> bank.encoders()
+        {'minilm@r1|mean|l2|384': 'default'}
+        """
+        if not isinstance(spec, str) or not spec:
+            raise ParameterError(f"remember_encoder: the encoder spec must be a non-empty string. Got {spec!r}.")
+        if self.encoders().get(space_key) != spec:
+            self.set_setting(ENCODER_SETTING + space_key, spec)
+
+    def encoders(self) -> dict[str, str]:
+        """space key -> encoder spec, as recorded by :meth:`remember_encoder`. Banks written before this was kept in
+        the catalog have it in ``<bank>/encoders.json`` (written by the CLI); that file is still read, the catalog
+        wins."""
+        out: dict[str, str] = {}
+        legacy = Path(self.root) / LEGACY_ENCODERS_FILE if isinstance(self.root, Path) else None
+        if legacy is not None and legacy.is_file():
+            try:
+                data = json.loads(legacy.read_text())
+            except (OSError, ValueError) as e:
+                raise BankError(f"{legacy}: cannot read the recorded encoders ({e}); delete the file and pass "
+                                f"--encoder.") from None
+            out.update({str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {})
+        out.update({k[len(ENCODER_SETTING):]: json.loads(v) for k, v in self._cat.settings(ENCODER_SETTING).items()})
+        return dict(sorted(out.items()))
 
     def spaces(self) -> builtins.list[PrototypeSpace]:
         """The prototype spaces present in the bank, sorted by key."""

@@ -124,7 +124,7 @@ def run_evaluate(
 
     fn = load_evaluator(evaluator_spec)
     tp = load_target_prototypes(target_prototypes) if target_prototypes is not None else None
-    bank = Bank.open(Path(bank_path))
+    bank = Bank.open(bank_path)
     res = evaluate(bank, fn, strategies=parse_strategies(strategies), k=k, params=params,
                                 include_self=include_self, sweep_k=parse_ints(sweep_k),
                                 sweep_lam=parse_floats(sweep_lam), sweep_lam_frac=parse_floats(sweep_lam_frac),
@@ -136,7 +136,7 @@ def run_evaluate(
 
 
 def evaluate_cmd(
-    bank: Path,
+    bank: str = typer.Argument(..., help="The bank: a folder or a postgresql:// URL."),
     evaluator: str = typer.Option(..., "--evaluator", help="The scoring function, as module:function "
                                   "(or path/to/file.py:function): (adapter | None, task) -> {metric: value}."),
     strategies: str = typer.Option("all", help="Comma-separated strategies, or 'all'."),

@@ -5,12 +5,14 @@ Only this package (:mod:`adapterbank.cli`) configures logging and prints.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
@@ -42,38 +44,32 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loa
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="A bank of LoRA adapters with task prototypes: retrieve, weigh (sparse projection), merge exactly.")
 
-ENCODERS_FILE = "encoders.json"
+BANK_HELP = "The bank: a folder (embedded) or a postgresql:// URL (server backend)."
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
-def _open(bank: Path, lock_timeout: float | None = None) -> Any:
+def _open(bank: str | Path, lock_timeout: float | None = None) -> Any:
     from adapterbank.bank import Bank
 
     return Bank.open(bank) if lock_timeout is None else Bank.open(bank, lock_timeout=lock_timeout)
+
+
+def _is_bank(value: str) -> bool:
+    """Whether ``value`` names a bank (a server URL, or a folder with a catalog) rather than a file of samples."""
+    return "://" in value or (Path(value) / "catalog.sqlite").is_file()
 
 
 LOCK_TIMEOUT_HELP = "Seconds to wait while another process writes to the bank (default 60), then fail."
 OVERWRITE_HELP = "Replace an existing output (atomically: the old content stays until the new one is complete)."
 
 
-def _remember_encoder(bank_dir: Path, space_key: str, spec: str) -> None:
-    """Record which encoder spec made a prototype space, so later commands can default to it."""
-    from adapterbank._io import atomic_write_bytes
-
-    f = bank_dir / ENCODERS_FILE
-    data = json.loads(f.read_text()) if f.exists() else {}
-    if data.get(space_key) != spec:
-        data[space_key] = spec
-        atomic_write_bytes(f, json.dumps(data, indent=2).encode())
-
-
-def _bank_encoder(bank_dir: Path | None) -> tuple[str | None, int | None]:
-    """The encoder spec the bank's prototypes were made with, and their ``--max-length`` if it was not the
-    default (read from the recorded space keys, which end in ``|maxN`` then)."""
-    if bank_dir is None or not (bank_dir / ENCODERS_FILE).exists():
+def _bank_encoder(bank: Any) -> tuple[str | None, int | None]:
+    """The encoder spec the bank's prototypes were made with (:meth:`Bank.encoders`), and their ``--max-length``
+    if it was not the default (read from the recorded space keys, which end in ``|maxN`` then)."""
+    if bank is None:
         return None, None
-    data = json.loads((bank_dir / ENCODERS_FILE).read_text())
+    data = bank.encoders()
     specs = sorted(set(data.values()))
     if len(specs) > 1:
         raise typer.BadParameter(f"The bank has prototypes from several encoders {specs}; pass --encoder.")
@@ -89,19 +85,19 @@ def _bank_encoder(bank_dir: Path | None) -> tuple[str | None, int | None]:
     return specs[0], lengths[0]
 
 
-def _encoder(spec: str | None, bank_dir: Path | None = None, max_length: int | None = None) -> tuple[Any, str]:
+def _encoder(spec: str | None, bank: Any = None, max_length: int | None = None) -> tuple[Any, str]:
     """The encoder to use: ``spec`` (else the bank's, else ``default``), reading ``max_length`` tokens per text
     (else what the bank's prototypes were made with, when the bank's encoder is used)."""
     from adapterbank.prototypes import load_encoder
 
     if spec is None:
-        spec, bank_max = _bank_encoder(bank_dir)
+        spec, bank_max = _bank_encoder(bank)
         max_length = max_length if max_length is not None else bank_max
     spec = spec or "default"
     return load_encoder(_local(spec, "--encoder"), max_length=max_length), spec
 
 
-def _target(bank_dir: Path | None, target: Path | None, description: str | None, prototype: Path | None,
+def _target(bank: Any, target: Path | None, description: str | None, prototype: Path | None,
             encoder: str | None, column: str | None, batch_size: int = 32, max_length: int | None = None) -> Any:
     """A target prototype from samples, a description or a prototype file (exactly one)."""
     from adapterbank.prototypes import Prototype, compute_prototype, describe
@@ -114,7 +110,7 @@ def _target(bank_dir: Path | None, target: Path | None, description: str | None,
             raise typer.BadParameter("--max-length sets the encoder; a --prototype file was computed already.")
         return Prototype.load(prototype)
     _local(target, "--target")  # before the encoder loads
-    enc, _ = _encoder(encoder, bank_dir, max_length)
+    enc, _ = _encoder(encoder, bank, max_length)
     if description is not None:
         return describe(enc, description)
     return compute_prototype(enc, target, column=column, batch_size=batch_size, progress=sys.stderr.isatty())
@@ -146,12 +142,15 @@ _FORMATS_HINT = "a name from `adapterbank formats`"
 # --- commands ----------------------------------------------------------------------------------
 
 @app.command()
-def init(bank: Path = typer.Argument(..., help="Directory to create the bank in.")) -> None:
-    """Create an empty bank (SQLite catalog + content-addressed blobs)."""
+def init(bank: str = typer.Argument(..., help="Directory to create the bank in, or a postgresql:// URL (server "
+                                     "backend; blobs at --blobs or $ADAPTERBANK_BLOBS)."),
+         blobs: Optional[str] = typer.Option(None, "--blobs", help="Server backend: fsspec URL of the blob store "
+                                             "(default $ADAPTERBANK_BLOBS), e.g. s3://bucket/adapterbank.")) -> None:
+    """Create an empty bank (SQLite catalog + content-addressed blobs, or PostgreSQL + object storage)."""
     from adapterbank.bank import Bank
 
-    Bank.init(bank)
-    console.print(f"Initialised bank at [bold]{bank}[/bold]")
+    b = Bank.init(bank, blobs=blobs)
+    console.print(f"Initialised bank at [bold]{b.root}[/bold] (blobs: {b.blobs_location})")
 
 
 @app.command("formats")
@@ -174,8 +173,15 @@ def formats_cmd(json_out: bool = json_option()) -> None:
 
 @app.command()
 def add(
-    bank: Path,
-    source: Path = typer.Argument(..., help="A PEFT folder, a kohya .safetensors file or a diffusers LoRA."),
+    bank: str = typer.Argument(..., help=BANK_HELP),
+    sources: Optional[list[str]] = typer.Argument(
+        None, metavar="SOURCE...", show_default=False,
+        help="Adapters: PEFT folders, kohya/diffusers .safetensors files, folders to scan for them, glob patterns "
+             "(quoted globs are expanded here, ** recurses). One adapter takes the per-adapter options below."),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="JSONL, one adapter per line: {\"source\": ..., \"id\", \"description\" or "
+        "\"samples\", \"tags\", \"base\", \"license\", \"source_url\"} (all but source optional; relative "
+        "paths are read from the manifest's folder)."),
     id: Optional[str] = typer.Option(None, "--id", help="Adapter id (default: the folder/file name)."),
     samples: Optional[Path] = typer.Option(None, help="JSONL/CSV/Parquet file or image folder of the task's data."),
     description: Optional[str] = typer.Option(None, help="Text description (prototype for adapters without data)."),
@@ -187,35 +193,168 @@ def add(
     license: Optional[str] = typer.Option(None),
     source_url: Optional[str] = typer.Option(None),
     allow_pickle: bool = typer.Option(False, help="Convert a pickle (.bin/.pt/.ckpt) file in a sandboxed subprocess."),
-    replace: bool = typer.Option(False, help="Replace an existing adapter with the same id."),
-    batch_size: int = typer.Option(32),
+    replace: bool = typer.Option(False, help="Replace an existing adapter with the same id (an unchanged one is "
+                                 "left as it is when several are added)."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Several adapters: adapters per catalog transaction and per encoder call (default "
+        "256). One adapter with --samples: samples per forward pass (default 32)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Several adapters: threads that copy, hash "
+                                          "and check them (default: 4 per core, at most 16)."),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
     lock_timeout: Optional[float] = typer.Option(None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP),
+    json_: bool = json_option(),
 ) -> None:
-    """Add an adapter (and its task prototype) to the bank."""
+    """Add adapters (and their task prototypes) to the bank: one, or many at once (folders, globs, --manifest).
+
+    Many: a bad one is reported and skipped; one the bank has with the same files is skipped (a rerun resumes).
+    Exit code 1 if any was refused.
+    """
+    sources = list(sources or [])
+    if not sources and manifest is None:
+        raise typer.BadParameter("Give at least one SOURCE (an adapter, a folder, a glob) or --manifest FILE.jsonl.")
+    if manifest is None and len(sources) == 1 and _one_adapter(sources[0]):
+        return _add_one(bank, Path(sources[0]), id=id, samples=samples, description=description, encoder=encoder,
+                        column=column, base=base, format=format, tags=tags, license=license, source_url=source_url,
+                        allow_pickle=allow_pickle, replace=replace, batch_size=32 if batch_size is None else batch_size,
+                        max_length=max_length, lock_timeout=lock_timeout, json_out=json_)
+    for flag, value in (("--id", id), ("--samples", samples), ("--description", description),
+                        ("--source-url", source_url), ("--column", column)):
+        if value is not None:
+            raise typer.BadParameter(f"{flag} describes one adapter; to add several, give it per adapter in a "
+                                     "--manifest row.")
+    _add_many(bank, sources, manifest, encoder=encoder, base=base, format=format, tags=tags, license=license,
+              allow_pickle=allow_pickle, replace=replace, batch_size=batch_size, workers=workers,
+              max_length=max_length, lock_timeout=lock_timeout, json_out=json_)
+
+
+def _one_adapter(source: str) -> bool:
+    """Whether SOURCE is one adapter (the single-adapter form of ``add``) rather than a folder or glob to scan."""
+    import glob
+
+    from adapterbank.errors import FormatError, UnsafeFileError
+    from adapterbank.formats import detect_format
+
+    p = Path(source)
+    if not p.exists():
+        return not glob.has_magic(source)  # a missing path: the single form says so, as it always did
+    if not p.is_dir():
+        return True
+    try:
+        detect_format(p)
+    except UnsafeFileError:
+        return True  # a pickle in a folder: one adapter (--allow-pickle converts it)
+    except (FormatError, OSError):
+        return False
+    return True
+
+
+def _add_one(bank: str, source: Path, *, id: str | None, samples: Path | None, description: str | None,
+             encoder: str | None, column: str | None, base: str | None, format: str | None, tags: str | None,
+             license: str | None, source_url: str | None, allow_pickle: bool, replace: bool, batch_size: int,
+             max_length: int | None, lock_timeout: float | None, json_out: bool) -> None:
+    """``adapterbank add BANK SOURCE``: one adapter, as before bulk adds existed."""
+    import time
+
+    from adapterbank.bank.ingest import IngestReport
     from adapterbank.prototypes import compute_prototype, describe
 
+    t0 = time.perf_counter()
     if max_length is not None and samples is None and description is None:
         raise typer.BadParameter("--max-length sets the encoder of --samples or --description; give one of them.")
     b = _open(bank, lock_timeout)
     source, samples = _local(source, "SOURCE"), _local(samples, "--samples")
     proto = None
     if samples is not None or description is not None:
-        enc, spec = _encoder(encoder, bank, max_length)
+        enc, spec = _encoder(encoder, b, max_length)
         if samples is not None:
             proto = compute_prototype(enc, samples, column=column, batch_size=batch_size, progress=sys.stderr.isatty(),
                                       description=description)
         else:
             proto = describe(enc, description)
-        _remember_encoder(bank, proto.space.key, spec)
+        b.remember_encoder(proto.space.key, spec)
+    n_before = len(b)
     card = b.add(source, id=id, prototype=proto, description=description, tags=csv_list(tags), license=license,
                  source_url=source_url, base_model=base, format=format, allow_pickle=allow_pickle, replace=replace)
+    if json_out:
+        rep = IngestReport(added=[card.id], replaced=[card.id] if replace and len(b) == n_before else [],
+                           encoded=int(proto is not None),
+                           elapsed_s=time.perf_counter() - t0)
+        return print_json(rep.to_dict())
     console.print(f"Added [bold]{card.id}[/bold] ({card.format}, base {card.base_model}, rank {card.rank}, "
                   f"{len(card.targets)} modules)" + (f", prototype in {proto.space.key}" if proto else ", no prototype"))
 
 
+def _add_many(bank: str, sources: list[str], manifest: Path | None, *, encoder: str | None, base: str | None,
+              format: str | None, tags: str | None, license: str | None, allow_pickle: bool, replace: bool,
+              batch_size: int | None, workers: int | None, max_length: int | None, lock_timeout: float | None,
+              json_out: bool) -> None:
+    """``adapterbank add BANK SOURCE... [--manifest M]``: many adapters, one encoder, a progress bar, a summary."""
+    import glob
+
+    from rich.markup import escape
+
+    from adapterbank.bank.ingest import IngestItem, Refusal, expand_sources, read_manifest
+    from adapterbank.cli.render import err
+
+    defaults: dict[str, Any] = {"tags": csv_list(tags), "base_model": base, "license": license, "format": format}
+    items: list[IngestItem] = []
+    empty: list[Refusal] = []
+    for s in sources:
+        if not glob.has_magic(s):
+            _local(s, "SOURCE")
+        found = expand_sources([s])
+        if not found:
+            empty.append(Refusal(s, None, "FormatError", f"{s}: no adapters in it (PEFT folders with "
+                                 "adapter_config.json, .safetensors files)."))
+        items += [IngestItem(p, **defaults) for p in found]
+    if manifest is not None:
+        items += read_manifest(_local(manifest, "--manifest"), defaults=defaults)
+    wants_encoder = any(it.description is not None or it.samples is not None for it in items)
+    if max_length is not None and not wants_encoder:
+        raise typer.BadParameter("--max-length sets the encoder of the manifest's descriptions or samples; "
+                                 "there are none.")
+    b = _open(bank, lock_timeout)
+    enc, spec = _encoder(encoder, b, max_length) if wants_encoder else (None, None)  # one encoder for the run
+    with _ingest_progress(len(items), enabled=sys.stderr.isatty()) as advance:
+        rep = b.add_many(items, replace=replace, batch_size=256 if batch_size is None else batch_size,
+                         workers=workers, encoder=enc, progress=advance, allow_pickle=allow_pickle)
+    if enc is not None and rep.encoded:
+        b.remember_encoder(enc.space.key, spec)
+    rep.refused += empty
+    if json_out:
+        print_json(rep.to_dict())
+    else:
+        console.print(rep.summary())
+        for r in rep.refused:
+            err.print(f"[red]refused[/red] {escape(r.reason)}")
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@contextlib.contextmanager
+def _ingest_progress(total: int, *, enabled: bool, console: Any = None) -> Iterator[Callable[[int], None] | None]:
+    """A rich progress bar (done/total, adapters/s, ETA) on stderr (or ``console``) when ``enabled``; yields its
+    ``advance(n)``."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from adapterbank.cli.render import err
+
+    with Progress(TextColumn("adding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeRemainingColumn(), console=console or err) as bar:
+        task = bar.add_task("add", total=total, rate="")
+
+        def advance(n: int) -> None:
+            bar.advance(task, n)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.0f} adapters/s" if speed else "")
+
+        yield advance
+
+
 @app.command("list")
-def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None),
+def list_(bank: str, base: Optional[str] = typer.Option(None, "--base"), tag: Optional[str] = typer.Option(None),
           json_: bool = json_option()) -> None:
     """List the adapters in the bank."""
     cards = _open(bank).list(base_model=base, tags=csv_list(tag) or None)
@@ -225,7 +364,7 @@ def list_(bank: Path, base: Optional[str] = typer.Option(None, "--base"), tag: O
 
 
 @app.command()
-def show(bank: Path, id: str, json_: bool = json_option()) -> None:
+def show(bank: str, id: str, json_: bool = json_option()) -> None:
     """Show one adapter's card as JSON."""
     card = _open(bank).get(id).to_dict()
     if json_:
@@ -234,7 +373,7 @@ def show(bank: Path, id: str, json_: bool = json_option()) -> None:
 
 
 @app.command()
-def remove(bank: Path, id: str, lock_timeout: Optional[float] = typer.Option(
+def remove(bank: str, id: str, lock_timeout: Optional[float] = typer.Option(
         None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Remove an adapter; its blobs are deleted at once unless another adapter shares them."""
     _open(bank, lock_timeout).remove(id)
@@ -242,7 +381,41 @@ def remove(bank: Path, id: str, lock_timeout: Optional[float] = typer.Option(
 
 
 @app.command()
-def verify(bank: Path) -> None:
+def migrate(
+    src: str = typer.Argument(..., help="The bank to copy: a folder or a postgresql:// URL."),
+    dst: str = typer.Argument(..., help="The bank to copy into (a folder is created if absent; a URL must have been "
+                                        "set up with `adapterbank init URL`)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Cards committed per transaction."),
+    json_out: bool = json_option(),
+) -> None:
+    """Copy every card, prototype, setting and blob of SRC into DST (any backends), then verify DST; resumable."""
+    from adapterbank.bank import Bank
+    from adapterbank.bank.migrate import migrate as run_migrate
+    from adapterbank.bank.store import is_url
+
+    a = _open(src)
+    if not is_url(dst) and (not Path(dst).exists() or (Path(dst).is_dir() and not any(Path(dst).iterdir()))):
+        b = Bank.init(dst)
+    else:
+        b = _open(dst)
+    rep = run_migrate(a, b, batch_size=batch_size)
+    if json_out:
+        print_json({"copied": len(rep.copied), "already_present": len(rep.present), "refused": rep.refused,
+                    "blobs_copied": rep.blobs_copied, "settings_copied": rep.settings_copied,
+                    "seconds": round(rep.seconds, 3), "verified": rep.verified, "problems": rep.problems})
+    else:
+        for i, why in rep.refused:
+            console.print(f"[red]refused {i}: {why}[/red]")
+        for p in rep.problems:
+            console.print(f"[red]{p}[/red]")
+        console.print(f"migrated {a.root} -> {b.root}: {len(rep.copied)} copied, {len(rep.present)} already present, "
+                      f"{len(rep.refused)} refused, {rep.blobs_copied} blobs, {rep.settings_copied} settings, "
+                      f"{rep.seconds:.1f} s; verify: " + ("[green]ok[/green]" if rep.ok else "[red]FAILED[/red]"))
+    raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command()
+def verify(bank: str) -> None:
     """Re-hash every blob and check the catalog; exit 1 on damage."""
     rep = _open(bank).verify()
     for p in rep.problems:
@@ -252,14 +425,14 @@ def verify(bank: Path) -> None:
 
 
 @app.command()
-def gc(bank: Path, lock_timeout: Optional[float] = typer.Option(
+def gc(bank: str, lock_timeout: Optional[float] = typer.Option(
         None, "--lock-timeout", metavar="SECONDS", help=LOCK_TIMEOUT_HELP)) -> None:
     """Delete orphan blobs and temp files left by interrupted writes."""
     console.print(f"removed {_open(bank, lock_timeout).gc()} orphan files")
 
 
 @app.command()
-def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
+def export(bank: str, id: str, out: Path = typer.Option(..., "-o", "--out"),
            format: Optional[str] = typer.Option(None, help=f"Output format, {_FORMATS_HINT} (default: as added, bit-for-bit)."),
            overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)) -> None:
     """Write an adapter from the bank to a folder/file."""
@@ -269,7 +442,7 @@ def export(bank: Path, id: str, out: Path = typer.Option(..., "-o", "--out"),
 
 @app.command()
 def prototype(
-    bank: Optional[Path] = typer.Argument(None, help="Bank (to reuse its encoder); optional."),
+    bank: Optional[str] = typer.Argument(None, help="Bank (to reuse its encoder); optional."),
     samples: Optional[Path] = typer.Argument(None, help="JSONL/CSV/Parquet file or image folder."),
     out: Path = typer.Option(..., "-o", "--out", help="Output .npy (a .npy.json sidecar records the space)."),
     description: Optional[str] = typer.Option(None),
@@ -279,17 +452,17 @@ def prototype(
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="Tokens the text encoder reads per text (default 256, or a sentence-transformers model's own); recorded in the prototype space."),
 ) -> None:
     """Compute a task prototype (Eq. 1) from samples or a description."""
-    if bank is not None and samples is None and not (bank / "catalog.sqlite").exists():
-        bank, samples = None, bank  # `adapterbank prototype SAMPLES -o x.npy`
+    if bank is not None and samples is None and not _is_bank(bank):
+        bank, samples = None, Path(bank)  # `adapterbank prototype SAMPLES -o x.npy`
     _local(samples, "SAMPLES")
-    p = _target(bank, samples, description, None, encoder, column, batch_size, max_length)
+    p = _target(None if bank is None else _open(bank), samples, description, None, encoder, column, batch_size, max_length)
     path = p.save(out)
     console.print(f"Wrote {path} (dim {p.dim}, {p.n_samples} samples, space {p.space.key})")
 
 
 @app.command()
 def search(
-    bank: Path,
+    bank: str = typer.Argument(..., help=BANK_HELP),
     target: Optional[Path] = typer.Option(None, help="Samples of the target task."),
     description: Optional[str] = typer.Option(None),
     prototype: Optional[Path] = typer.Option(None, help="A prototype .npy from `adapterbank prototype`."),
@@ -303,7 +476,7 @@ def search(
 ) -> None:
     """The k nearest adapters to a target prototype."""
     b = _open(bank)
-    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
+    p = _target(b, target, description, prototype, encoder, column, max_length=max_length)
     hits = b.search(p, k=k, base_model=base, tags=csv_list(tag) or None)
     if json_:
         return print_json({"space": p.space.key, "k": k, "hits": [{"id": h.id, "distance": h.distance} for h in hits]})
@@ -317,7 +490,7 @@ def search(
 
 @app.command("compose")
 def compose_cmd(
-    bank: Path,
+    bank: str = typer.Argument(..., help=BANK_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the composite adapter."),
     target: Optional[Path] = typer.Option(None, help="Samples of the target task (JSONL/CSV/Parquet/images)."),
     description: Optional[str] = typer.Option(None, help="Text description of the target task."),
@@ -372,7 +545,7 @@ def compose_cmd(
     merge_params = _merge_params(merge, merge_param)
     b = _open(bank)
     _local(merge_into, "--merge-into")
-    p = _target(bank, target, description, prototype, encoder, column, max_length=max_length)
+    p = _target(b, target, description, prototype, encoder, column, max_length=max_length)
     comp = compose(b, p, k=k, strategy=strategy, params=params, base_model=base, tags=csv_list(tag) or None,
                    exclude=csv_list(exclude), ids=csv_list(ids) or None, rank=rank, max_rank=max_rank,
                    lambda_path=lambda_path, merge=merge, merge_params=merge_params)

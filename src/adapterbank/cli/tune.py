@@ -44,7 +44,7 @@ def build_grid(strategies: str | None, lam_rel: list[float] | None, tau_rel: lis
 
 
 def tune_cmd(
-    bank: Path,
+    bank: str = typer.Argument(..., help="The bank: a folder or a postgresql:// URL."),
     evaluator: str = typer.Option(..., "--evaluator", help="The scoring function, as module:function "
                                   "(or path/to/file.py:function): (adapter | None, task) -> {metric: value}."),
     metric: Optional[str] = typer.Option(None, "--metric", help="The metric to choose by (default: the first)."),

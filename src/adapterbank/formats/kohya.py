@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from adapterbank.errors import AdapterbankWarning, FormatError, ShapeMismatchError, UnsupportedAdapterError
+from adapterbank.errors import FormatError, KohyaTextEncoderWarning, ShapeMismatchError, UnsupportedAdapterError
 from adapterbank.formats import _lora_config as lc
 from adapterbank.formats.safetensors_io import load_file, save_file
 from adapterbank.lora import LoraAdapter, LoraModule
@@ -46,16 +46,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["COMPONENTS", "SEGMENTS", "KohyaTextEncoderWarning", "read_kohya", "write_kohya", "stem_to_path",
            "is_kohya_key"]
 
-
-class KohyaTextEncoderWarning(AdapterbankWarning):
-    """A kohya file holds text-encoder LoRAs, which diffusers' own kohya loader mishandles.
-
-    diffusers' kohya converter renames CLIP attention keys to its legacy ``to_q_lora`` spelling and keys
-    their per-module alphas under that spelling, so they do not reach PEFT's config: with per-module alphas
-    text-encoder attention LoRAs load with the wrong scale (measured with diffusers 0.42), and they have been
-    seen dropped (a diffusers bug; our
-    reading of the file is right). The diffusers format (``--format diffusers``) has no such problem.
-    """
 
 #: kohya key prefix -> component; the order matters for matching (te1/te2 before te).
 COMPONENTS: tuple[tuple[str, str], ...] = (

@@ -1,0 +1,1 @@
+"""Integrations with other libraries (diffusers pipelines): imported on demand, never by ``import adapterbank``."""
