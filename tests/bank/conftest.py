@@ -72,6 +72,8 @@ def snapshot(root: Path) -> dict[str, Any]:
         rel = p.relative_to(root).as_posix()
         if rel.startswith("catalog.sqlite"):
             continue  # the SQLite files themselves (WAL/SHM) change on reads; their rows are compared above
+        if rel == "index" or rel.startswith("index/"):
+            continue  # the persisted search index: derived from the catalog, written by searches
         files[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return {"rows": rows, "files": files}
 

@@ -141,7 +141,8 @@ class AnnIndex(NumpyIndex):
         g = ui.Index(ndim=self._dim or 0, metric="l2sq", dtype="f32", connectivity=self.connectivity,
                      expansion_add=self.expansion_add, expansion_search=self._ef())
         t0 = time.perf_counter()
-        threads = self.threads or (os.cpu_count() or 1)
+        # one thread below 50 000 rows: a multi-threaded insert order makes the graph (and its recall) vary run to run
+        threads = self.threads or (1 if self._nb < 50_000 else (os.cpu_count() or 1))
         X = self._X
         if not X.flags.c_contiguous or X.dtype != np.float32:  # pragma: no cover - _set_base guarantees both
             raise AdapterbankError("AnnIndex needs a C-ordered float32 base matrix.")

@@ -244,6 +244,9 @@ class Bank:
 
     #: The :class:`~adapterbank.bank.index.Index` built per prototype space (swap in an ANN backend here).
     index_factory: Callable[[], Index] = NumpyIndex
+    #: Embedded banks: "auto" (exact below ``adapterbank.bank.ann.ANN_MIN_ROWS`` rows, usearch HNSW above when
+    #: installed), "exact" or "ann" (needs ``pip install 'adapterbank[ann]'``).
+    index_kind: str = "auto"
 
     def __init__(self, root: Path | str, catalog: CatalogBackend, blobs: BlobBackend | None = None) -> None:
         #: The bank's folder (embedded) or its catalog URL without the password (server backend).
@@ -863,6 +866,14 @@ class Bank:
         cached = self._indexes.get(key)
         if cached is not None and cached[0] == self._cat.version():  # the hot path: one tiny SELECT
             return cached[1]
+        if isinstance(self.root, Path) and self.index_factory is NumpyIndex:
+            # embedded: the index persisted under <bank>/index, memory-mapped, patched from the change log
+            from adapterbank.bank.persisted import INDEX_DIR, load_index
+
+            idx = load_index(self.root / INDEX_DIR, key, self._cat, self.index_kind,
+                             current=None if cached is None else cached[1])
+            self._indexes[key] = (int(idx.catalog_version), idx)
+            return idx
         m = self._cat.space_matrix(key)
         idx = self.index_factory()
         idx.build(m.ids, m.vectors, m.attrs)
