@@ -93,7 +93,7 @@ from torch import nn
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, quiet_logging  # noqa: E402
+from _machine import machine, quiet_logging
 
 log = logging.getLogger("loo_synthesis")
 
@@ -324,22 +324,27 @@ SIZES: dict[str, dict[str, Any]] = {
                           "noise0.3", "invert", "dark2.0", "pixel2", "invert+blur0.8", "invert+blur1.6",
                           "invert+noise0.1", "dark2.0+noise0.1"],
               "held_out": ["blur1.3", "noise0.15", "invert+blur1.1"], "classes": list(range(10)), "dim": 64,
-              "heads": 2, "depth": 2, "patch": 4, "n_pre": 6000, "pre_steps": 600, "batch": 64, "lora_steps": 60,
+              "heads": 2, "depth": 2, "patch": 2, "n_pre": 6000, "pre_steps": 600, "batch": 64, "lora_steps": 60,
               "lora_batch": 32, "n_lora": 400, "rank": 8, "n_gen": 8, "euler": 10, "cfg": 3.0, "n_clf": 150,
-              "clf_epochs": 2, "n_real": 30, "n_showcase": 8, "n_ref": 8, "k": 4, "stylus_candidates": 12, "boot": 500},
+              "clf_epochs": 4, "n_real": 30, "n_showcase": 8, "n_ref": 8, "k": 4, "stylus_candidates": 12, "boot": 500},
     "default": {"library": [s.key for s in LIBRARY], "held_out": [s.key for s in HELD_OUT],
-                "classes": list(range(10)), "dim": 128, "heads": 4, "depth": 4, "patch": 4, "n_pre": 20000,
-                "pre_steps": 3000, "batch": 64, "lora_steps": 150, "lora_batch": 32, "n_lora": 300, "rank": 8,
-                "n_gen": 20, "euler": 16, "cfg": 3.0, "n_clf": 250, "clf_epochs": 3, "n_real": 100, "n_showcase": 8,
+                "classes": list(range(10)), "dim": 96, "heads": 3, "depth": 3, "patch": 2, "n_pre": 20000,
+                "pre_steps": 2000, "batch": 64, "lora_steps": 120, "lora_batch": 32, "n_lora": 300, "rank": 8,
+                "n_gen": 16, "euler": 14, "cfg": 3.0, "n_clf": 250, "clf_epochs": 6, "n_real": 100, "n_showcase": 8,
                 "n_ref": 8, "k": 5, "stylus_candidates": 15, "boot": 2000},
 }
-PRE_LR, LORA_LR, CLF_LR = 1e-3, 2e-3, 2e-3
+PRE_LR, LORA_LR, CLF_LR = 1e-3, 5e-3, 2e-3
 TEXT_METHODS = ["stylus", "nearest", "avg", "sim", "lin", "sparse"]
 IMAGE_METHODS = ["nearest_img", "sim_img", "sparse_img"]
 METHODS = ["base", *TEXT_METHODS, *IMAGE_METHODS]
 LABEL = {"base": "Base", "stylus": "Stylus-style", "nearest": "Nearest", "avg": "Avg", "sim": "Sim", "lin": "Lin",
          "sparse": "Sparse", "nearest_img": "Nearest (img)", "sim_img": "Sim (img)", "sparse_img": "Sparse (img)",
          "real": "real (ceiling)"}
+
+
+def style_family(key: str) -> str:
+    """The kind of a style, strengths dropped: "invert+blur1.1" → "blur+invert" (sorted), "clean" → "clean"."""
+    return "+".join(sorted(re.sub(r"[0-9.]+$", "", a) for a in key.split("+")))
 
 
 def style_of(key: str) -> Style:
@@ -586,7 +591,7 @@ def train_flow(model: nn.Module, params: list[torch.Tensor], x: np.ndarray, text
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if log_every and (step + 1) % log_every == 0:
             log.info("  step %d/%d: loss %.4f (%.0f s)", step + 1, steps, np.mean(losses[-log_every:]),
                      time.perf_counter() - t0)
@@ -959,13 +964,16 @@ def exactness_check(tr: Trained, pipe: Any, pc: Any, caps: CaptionStates, prompt
 
 def stage_metrics(tr: Trained, tasks: list[Task], gen: dict[str, Any], real_fd: dict[str, np.ndarray],
                   methods: Sequence[str]) -> dict[str, Any]:
-    """Per method and prompt: style accuracy, mean probability of the wanted style, class accuracy, FD in the
+    """Per method and prompt: style accuracy, family accuracy (the predicted style is of the wanted kind, any
+    strength: ``style_family``), mean probability of the wanted style, class accuracy, FD in the
     style classifier's features against real images of (style, class), Vendi in the class classifier's features,
     and the most frequent predicted style."""
     ref_feats = {t.prompt: classify(tr.style_clf, real_fd[t.prompt])[0] for t in tasks}
     per: dict[str, dict[str, list[Any]]] = {}
     for m in [*methods, "real"]:
-        rows: dict[str, list[Any]] = {k: [] for k in ("style_acc", "p_style", "class_acc", "fd", "vendi", "top_style")}
+        rows: dict[str, list[Any]] = {k: [] for k in ("style_acc", "family_acc", "p_style", "class_acc", "fd", "vendi",
+                                                      "top_style")}
+        fam = [style_family(n) for n in tr.style_names]
         for ti, t in enumerate(tasks):
             imgs = gen["images"][m][ti]
             fs, ps = classify(tr.style_clf, imgs)
@@ -973,6 +981,7 @@ def stage_metrics(tr: Trained, tasks: list[Task], gen: dict[str, Any], real_fd: 
             si = tr.style_names.index(t.style.key)
             pred = ps.argmax(1)
             rows["style_acc"].append(float((pred == si).mean()))
+            rows["family_acc"].append(float(np.mean([fam[j] == fam[si] for j in pred])))
             rows["p_style"].append(float(ps[:, si].mean()))
             rows["class_acc"].append(float((pc.argmax(1) == t.cls).mean()))
             rows["fd"].append(frechet(fs, ref_feats[t.prompt]))
@@ -983,7 +992,7 @@ def stage_metrics(tr: Trained, tasks: list[Task], gen: dict[str, Any], real_fd: 
     return per
 
 
-METRICS = [("style_acc", "style acc ↑", True), ("p_style", "p(style) ↑", True), ("class_acc", "class acc ↑", True),
+METRICS = [("style_acc", "style acc ↑", True), ("family_acc", "family acc ↑", True), ("p_style", "p(style) ↑", True), ("class_acc", "class acc ↑", True),
            ("fd", "FD ↓", False), ("vendi", "Vendi", True)]
 
 
@@ -1145,13 +1154,13 @@ def report(res: dict[str, Any], cfg: dict[str, Any]) -> str:
     per, ivs, methods = res["per_prompt"], res["intervals"], res["methods"]
     keys = res["held_out"]
     L = [f"# Benchmark C — prompt-level LoRA composition for text-to-image (size `{res['size']}`)", "",
-         f"{res['date']}; {res['machine']['cpu']}, {res['machine']['cores']} cores (load average at the start "
+         (f"{res['date']}; {res['machine']['cpu']}, {res['machine']['cores']} cores (load average at the start "
          f"{', '.join(f'{v:.1f}' for v in res['machine']['load_avg'])}), torch {res['machine']['torch']}, "
          f"{res['machine']['torch_threads']} thread(s). Command: `{res['command']}`. Wall time "
          f"{res['seconds']['total'] / 60:.1f} min (training {res['seconds']['train'] / 60:.1f} min"
          f"{' — reused from an earlier run' if res['train_info'].get('reused') else ''}, generation "
-         f"{res['seconds']['generate'] / 60:.1f} min, metrics {res['seconds']['metrics']:.0f} s).", "",
-         f"Data: {res['data']}, 16×16. Denoiser: diffusers `PixArtTransformer2DModel` (width {cfg['dim']}, "
+         f"{res['seconds']['generate'] / 60:.1f} min, metrics {res['seconds']['metrics']:.0f} s)."), "",
+         (f"Data: {res['data']}, 16×16. Denoiser: diffusers `PixArtTransformer2DModel` (width {cfg['dim']}, "
          f"{cfg['depth']} blocks, {cfg['heads']} heads, patch {cfg['patch']}, {res['train_info']['base_params']:,} "
          f"parameters), rectified flow, caption = MiniLM token states ({CTX_TOKENS} tokens), pre-trained on "
          f"{cfg['n_pre']} clean images for {cfg['pre_steps']} steps (loss {res['train_info']['pretrain']['first_loss']:.3f} "
@@ -1159,15 +1168,15 @@ def report(res: dict[str, Any], cfg: dict[str, Any]) -> str:
          f"{cfg['rank']} on every attention/FFN linear, {cfg['lora_steps']} steps × {cfg['lora_batch']} images of "
          f"{cfg['n_lora']}); mean loss {res['lora_loss'][0]:.3f} → {res['lora_loss'][1]:.3f}. Sampling: "
          f"{cfg['euler']} Euler steps, CFG {cfg['cfg']}, {cfg['n_gen']} images per prompt (the same noise for every "
-         f"method); k = {cfg['k']}, Stylus candidates {cfg['stylus_candidates']}.", "",
-         f"Classifiers on real styled test images: style classifier ({len(res['style_names'])} styles) accuracy "
+         f"method); k = {cfg['k']}, Stylus candidates {cfg['stylus_candidates']}."), "",
+         (f"Classifiers on real styled test images: style classifier ({len(res['style_names'])} styles) accuracy "
          f"{res['clf_acc']['style']:.3f} on the held-out styles' real images; class classifier {res['clf_acc']['class']:.3f}. "
          f"Each LoRA's own showcase images classified as its style: {res['showcase_style_acc']:.3f} (how well the "
-         f"LoRAs learned their styles; chance {1 / len(res['style_names']):.3f}).", "",
-         f"Exactness (one Sparse prompt, `{res['exactness'].get('prompt')}`): the composite loaded with "
+         f"LoRAs learned their styles; chance {1 / len(res['style_names']):.3f})."), "",
+         (f"Exactness (one Sparse prompt, `{res['exactness'].get('prompt')}`): the composite loaded with "
          f"`load_lora_weights` vs a copy of the base holding W + Σ w_i ΔW_i: max |Δ output| "
          f"{res['exactness'].get('max_abs_diff_vs_dense', float('nan')):.2e} (the composite itself moves the output by "
-         f"{res['exactness'].get('max_abs_effect_of_composite', float('nan')):.2e}).", "",
+         f"{res['exactness'].get('max_abs_effect_of_composite', float('nan')):.2e})."), "",
          f"## Mean over {len(res['prompts'])} held-out prompts ({len(keys)} styles × {len(cfg['classes'])} classes)", "",
          "| method | " + " | ".join(h for _, h, _ in METRICS) + " | s per prompt |", "|:---|" + "---:|" * (len(METRICS) + 1)]
     for m in [*methods, "real"]:

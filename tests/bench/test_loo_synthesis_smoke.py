@@ -69,7 +69,10 @@ def test_tiny_run_without_fashion_mnist(syn, tmp_path: Path, monkeypatch: pytest
             vals = res["per_prompt"][m][key]
             assert len(vals) == n and np.all(np.isfinite(vals)), (m, key)
         assert all(0.0 <= v <= 1.0 for v in res["per_prompt"][m]["style_acc"])
+    assert res["compositions"]["base"] == {}
     for m, comps in res["compositions"].items():
+        if m == "base":
+            continue
         assert len(comps) == n, m
         for c in comps.values():
             assert abs(sum(c["weights"]) - 1.0) < 1e-3, m
