@@ -48,6 +48,10 @@ from torch import nn
 
 from adapterbank import grasp, versions
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _metrics import frechet  # noqa: E402
+
 log = logging.getLogger("grasp_longtail")
 ROOT = Path(__file__).resolve().parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -215,17 +219,6 @@ def predict(net: SmallCNN, x: torch.Tensor, device: str) -> tuple[np.ndarray, np
 
 
 # -------------------------------------------------------------------------------------------- metrics
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}), via the eigenvalues of √Σ_a Σ_b √Σ_a."""
-    mu = a.mean(0) - b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, V = np.linalg.eigh(ca)
-    sa = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-    m = sa @ cb @ sa
-    ev = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
-
-
 def boot_ci(fn, n: int, B: int, seed: int) -> list[float]:
     rng = np.random.default_rng(seed)
     vals = [fn(rng.integers(0, n, n)) for _ in range(B)]

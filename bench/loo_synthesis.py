@@ -94,6 +94,7 @@ from torch import nn
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine, quiet_logging
+from _metrics import frechet
 
 log = logging.getLogger("loo_synthesis")
 
@@ -692,17 +693,6 @@ def classify(net: SmallCNN, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, n
 
 
 # ----- metrics -----------------------------------------------------------------------------------------------
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a Σ_b)^{1/2}), via the eigenvalues of √Σ_a Σ_b √Σ_a."""
-    mu = a.mean(0) - b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, V = np.linalg.eigh(ca)
-    sa = (V * np.sqrt(np.clip(w, 0, None))) @ V.T
-    m = sa @ cb @ sa
-    ev = np.linalg.eigvalsh((m + m.T) / 2)
-    return float(mu @ mu + np.trace(ca) + np.trace(cb) - 2 * np.sqrt(np.clip(ev, 0, None)).sum())
 
 
 def vendi(feats: np.ndarray) -> float:
