@@ -1,10 +1,14 @@
-"""Fixtures of the bank tests: real PEFT adapters of a tiny Llama, prototypes, and a bank snapshot helper."""
+"""Fixtures of the bank tests: real PEFT adapters of a tiny Llama, prototypes, a bank snapshot helper, and the
+real PostgreSQL and S3 servers of tests/bank/servers.py (loaded here once per process as the module
+``adapterbank_test_servers``, which the server test modules import)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import sqlite3
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,24 @@ import torch
 
 from adapterbank.lora import LoraAdapter, LoraModule
 from adapterbank.prototypes.space import Prototype, PrototypeSpace
+
+
+def _load_servers() -> Any:
+    """tests/bank/servers.py as the module ``adapterbank_test_servers`` (tests/ is not a package)."""
+    name = "adapterbank_test_servers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+_servers = _load_servers()
+pg_server = _servers.pg_server
+pg_url = _servers.pg_url
+s3_server = _servers.s3_server
+s3_url = _servers.s3_url
 
 BASE_ID = "tiny-llama"
 SPACE = PrototypeSpace("toy-encoder", "r1", "mean", True, 8)

@@ -4,14 +4,13 @@ through s3fs, plus memory:// and file://). Server cases skip only when the serve
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import adapterbank_test_servers as servers  # registered by tests/bank/conftest.py
 import numpy as np
 import pytest
 
@@ -22,23 +21,6 @@ from adapterbank.bank.index import NumpyIndex
 from adapterbank.errors import BankError, ConflictError, IntegrityError
 from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
-
-def _servers() -> Any:
-    """tests/bank/servers.py, loaded once per process (tests/ is not a package)."""
-    name = "adapterbank_test_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-servers = _servers()
-pg_server = servers.pg_server
-pg_url = servers.pg_url
-s3_server = servers.s3_server
-s3_url = servers.s3_url
 make_entry = servers.make_entry
 
 SPACE = PrototypeSpace("enc", "r1", "mean", True, 6)

@@ -3,31 +3,14 @@ force, HNSW recall, filters, the writer lock, conflicts between connections, and
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
+import adapterbank_test_servers as servers  # registered by tests/bank/conftest.py
 import numpy as np
 import pytest
 
-
-def _servers() -> Any:
-    """tests/bank/servers.py, loaded once per process (tests/ is not a package)."""
-    name = "adapterbank_test_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-servers = _servers()
-pg_server = servers.pg_server
-pg_url = servers.pg_url
 make_entry = servers.make_entry
 
 pytest.importorskip("psycopg", reason="the server extra is not installed: pip install 'adapterbank[server]'")

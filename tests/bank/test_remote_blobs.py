@@ -4,31 +4,14 @@ dies in the middle of an upload (a clear error naming the URL, nothing under the
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import adapterbank_test_servers as servers  # registered by tests/bank/conftest.py
 import pytest
-
-
-def _servers() -> Any:
-    """tests/bank/servers.py, loaded once per process (tests/ is not a package)."""
-    name = "adapterbank_test_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-servers = _servers()
-s3_server = servers.s3_server
-s3_url = servers.s3_url
 
 pytest.importorskip("s3fs", reason="the server extra is not installed: pip install 'adapterbank[server]'")
 pytest.importorskip("moto", reason="the server extra is not installed: pip install 'adapterbank[server]'")

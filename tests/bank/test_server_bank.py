@@ -4,9 +4,7 @@ answers. Also `adapterbank init URL` / `migrate` in both directions and two "mac
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,22 +14,6 @@ import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
-
-
-def _servers() -> Any:
-    """tests/bank/servers.py, loaded once per process (tests/ is not a package)."""
-    name = "adapterbank_test_servers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-servers = _servers()
-pg_server = servers.pg_server
-s3_server = servers.s3_server
 
 from adapterbank.bank import Bank  # noqa: E402
 from adapterbank.cli import app  # noqa: E402
