@@ -75,16 +75,11 @@ def test_migrate_cli_creates_a_folder_destination(tmp_path: Path) -> None:
 
 
 def test_bank_urls_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(BankError, match="Unknown bank URL scheme 'mysql'.*mysql://me:\\*\\*\\*@db/x"):
+    with pytest.raises(BankError, match="Unknown bank URL scheme 'mysql' in mysql://me@db/x:") as e:
         Bank.open("mysql://me:pw@db/x")
+    assert "pw" not in str(e.value)
     with pytest.raises(ParameterError, match="blobs= is for the server backend"):
         Bank.init(tmp_path / "b", blobs="s3://x/y")
     monkeypatch.delenv("ADAPTERBANK_BLOBS", raising=False)
-    try:
-        import adapterbank.bank.pg  # noqa: F401
-    except ImportError:  # without the server extra: the error says how to get it
-        with pytest.raises(BankError, match=r"pip install 'adapterbank\[server\]'"):
-            Bank.init("postgresql://me@localhost:1/none")
-    else:
-        with pytest.raises(BankError, match="Set ADAPTERBANK_BLOBS"):
-            Bank.init("postgresql://me@localhost:1/none")
+    with pytest.raises(BankError, match="Set ADAPTERBANK_BLOBS"):  # asked before anything connects
+        Bank.init("postgresql://me@localhost:1/none")

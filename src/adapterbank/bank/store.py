@@ -73,7 +73,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION", "is_url", "redact_url"]
+__all__ = ["Bank", "Card", "VerifyReport", "FORMAT_VERSION", "is_url"]
 
 #: The environment variable naming the blob store (an fsspec URL) of a new server bank.
 BLOBS_ENV = "ADAPTERBANK_BLOBS"
@@ -89,14 +89,6 @@ def is_url(path: object) -> bool:
     """
     return isinstance(path, str) and _URL.match(path) is not None
 
-
-def redact_url(url: str) -> str:
-    """``url`` without its password, for messages.
-
-    >>> redact_url("postgresql://me:secret@db:5432/adapters")
-    'postgresql://me:***@db:5432/adapters'
-    """
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 BLOBS = "blobs"
 TMP = "tmp"
@@ -318,16 +310,14 @@ class Bank:
     @classmethod
     def _server(cls, url: str, *, create: bool, blobs: str | None, lock_timeout: float) -> Bank:
         """The server backend: :class:`~adapterbank.bank.pg.PgCatalog` + :class:`~adapterbank.bank.remote_blobs.FsspecBlobStore`."""
+        # psycopg and fsspec are imported only when these connect (BankError naming the 'server' extra if absent)
+        from adapterbank.bank.pg import PgCatalog, redact_url
+        from adapterbank.bank.remote_blobs import FsspecBlobStore
+
         scheme = url.split("://", 1)[0].lower()
         if scheme not in ("postgresql", "postgres"):
             raise BankError(f"Unknown bank URL scheme {scheme!r} in {redact_url(url)}: a bank is a folder (embedded) or "
                             "a postgresql:// URL (server backend).")
-        try:
-            from adapterbank.bank.pg import PgCatalog
-            from adapterbank.bank.remote_blobs import FsspecBlobStore
-        except ImportError as e:
-            raise BankError(f"The server backend ({redact_url(url)}) needs the 'server' extra: "
-                            f"pip install 'adapterbank[server]' ({e}).") from None
         if create:
             blobs = blobs or os.environ.get(BLOBS_ENV)
             if not blobs:
