@@ -28,3 +28,21 @@ def quiet_logging(*noisy: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("httpx", "urllib3", "transformers", "peft", "adapterbank", *noisy):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def load_test_servers() -> Any:
+    """The test suite's helpers (tests/bank/servers.py: real PostgreSQL / S3 servers, ``make_entry``), loaded once
+    under the module name the tests use, so a benchmark builds catalogs the way the tests do."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "adapterbank_test_servers"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "tests" / "bank" / "servers.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

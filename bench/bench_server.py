@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import statistics
 import sys
@@ -33,19 +32,10 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, quiet_logging
+from _machine import machine, quiet_logging, load_test_servers
 
 K = 10
 N_MODELS = 10
-
-
-def _servers() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "adapterbank_test_servers", Path(__file__).resolve().parents[1] / "tests" / "bank" / "servers.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def data(n: int, d: int, n_queries: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +76,7 @@ def main() -> None:
     from adapterbank.bank.pg import PgCatalog
     from adapterbank.prototypes.space import PrototypeSpace
 
-    servers = _servers()
+    servers = load_test_servers()
     n, d = int(args.n), args.dim
     X, Q = data(n, d, args.queries)
     space = PrototypeSpace("bench-encoder", "r1", "mean", True, d)

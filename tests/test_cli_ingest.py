@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from adapterbank.bank import Bank
+from adapterbank.bank.persisted import space_dir_name
 from adapterbank.cli import app
 
 runner = CliRunner()
@@ -108,6 +109,9 @@ def test_manifest_descriptions_one_encoder_for_the_run(tmp_path: Path, lib: Path
         proto = b.get_prototype("deep")
         assert proto.vector.tolist() == [19.0, 3.0] and proto.extra["description"] == "film noir portraits"
         assert b.encoders() == {proto.space.key: "encmod_ingest:encode"}
+        # the run left the persisted search index up to date: the next process opens it, builds nothing
+        meta = json.loads((tmp_path / "bank" / "index" / space_dir_name(proto.space.key) / "meta.json").read_text())
+        assert meta["catalog_version"] == b.version and meta["n"] == 3
 
 
 @pytest.mark.parametrize(("line", "message"), [

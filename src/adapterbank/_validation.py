@@ -174,3 +174,18 @@ def check_bool(value: Any, name: str, owner: str) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise ParameterError(message(name, owner, "a bool", value))
+
+
+def is_lora_adapter(obj: object) -> bool:
+    """Whether ``obj`` is a :class:`~adapterbank.lora.LoraAdapter`, without importing torch to find out.
+
+    A bank that only searches (the CLI's ``search``) never loads the tensor side; if ``adapterbank.lora`` was
+    never imported, nothing can be one of its objects.
+
+    >>> is_lora_adapter("./adapter.safetensors")
+    False
+    """
+    import sys
+
+    lora = sys.modules.get("adapterbank.lora")
+    return lora is not None and isinstance(obj, lora.LoraAdapter)

@@ -54,6 +54,22 @@ __all__ = [
 ]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN or Inf. Fast path: NaN and Inf propagate through a sum (~8× faster than
+    ``isfinite().all()`` on bf16); only a non-finite sum (NaN/Inf present, or an overflow) pays for the exact
+    element-wise check.
+
+    >>> all_finite(torch.ones(3)), all_finite(torch.tensor([1.0, float("nan")])), all_finite(torch.full((2,), 3e38))
+    (True, False, True)
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if bool(torch.isfinite(t.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
     """The LoRA scale s = α/r, or α/√r for rsLoRA.
 
@@ -137,7 +153,7 @@ class LoraModule:
     def check_finite(self, where: str = "") -> None:
         """Raise :class:`NonFiniteError` if A or B holds NaN/Inf; ``where`` names the module."""
         for name, t in (("A", self.A), ("B", self.B)):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise NonFiniteError(f"LoRA factor {name} of module {where or '?'} contains NaN or Inf.")
 
     def fro_norm(self) -> float:
@@ -210,7 +226,7 @@ class ResidualModule:
     def check_finite(self, where: str = "") -> None:
         """Raise :class:`NonFiniteError` if D or U holds NaN/Inf; ``where`` names the module."""
         for name, t in (("D", self.D), ("U", self.U)):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise NonFiniteError(f"Residual factor {name} of module {where or '?'} contains NaN or Inf.")
 
     def to(self, dtype: torch.dtype) -> ResidualModule:

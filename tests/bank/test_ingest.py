@@ -255,3 +255,58 @@ def test_report_to_dict_and_summary() -> None:
     assert d["ok"] and d["total"] == 1 and d["rate"] == 2.0 and d["refused"] == []
     assert r.summary() == "added 1, already present 0, refused 0 in 0.5 s (2.0 adapters/s)"
 
+
+
+def test_a_batch_is_made_durable_once_before_any_blob_is_placed(tmp_path: Path, loras: list[Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bulk staging skips the per-file fsync; one barrier per batch comes before the first blob gets its final
+    name, and the committed blobs are the staged bytes."""
+    from adapterbank.bank import blobs
+
+    events: list[str] = []
+    real_sync, real_put = blobs.Staging.sync, blobs.BlobStore.put
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+
+    def sync(self: blobs.Staging) -> None:
+        events.append(f"sync:{len(self._unsynced)}")
+        real_sync(self)
+
+    def put(self: blobs.BlobStore, staged: Path, sha: str, size: int, token: str) -> None:
+        events.append("put")
+        real_put(self, staged, sha, size, token)
+
+    monkeypatch.setattr(blobs.Staging, "sync", sync)
+    monkeypatch.setattr(blobs.BlobStore, "put", put)
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+    bank = Bank.init(tmp_path / "bank")
+    fsynced.clear()
+    rep = bank.add_many([IngestItem(p) for p in loras], batch_size=4, workers=3)
+    assert rep.ok and len(rep.added) == 7
+    # two batches (4 + 3): each starts with its barrier over all its staged files, then places its blobs
+    assert events == ["sync:4"] + ["put"] * 4 + ["sync:3"] + ["put"] * 3
+    assert bank.verify().ok
+    assert all(bank.load_adapter(p.stem).n_params > 0 for p in loras)
+    # the staged files were not fsynced one by one (only folders and the catalog are)
+    assert len(fsynced) < 7 * 2
+
+
+def test_without_syncfs_the_barrier_fsyncs_each_staged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapterbank.bank import blobs
+
+    monkeypatch.setattr(blobs, "_syncfs", lambda path: False)  # e.g. macOS: no syncfs(2)
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights")
+    with blobs.BlobStore(tmp_path / "blobs", tmp_path / "tmp").staging(bulk=True) as st:
+        a, _, _ = st.stage_file(src, "a.bin")
+        b, _, _ = st.stage_file(src, "b.bin")
+        assert synced == []
+        st.sync()
+        assert synced == [str(a), str(b)]
+        st.sync()  # nothing pending
+        assert synced == [str(a), str(b)]
+    with pytest.raises(ValueError, match="sync must be one of"):
+        blobs.Staging(tmp_path / "tmp", sync="later")

@@ -176,8 +176,10 @@ class BlobBackend(Protocol):
 
     location: str
 
-    def staging(self) -> Any:
-        """A local :class:`~adapterbank.bank.blobs.Staging` folder for files on their way in (a context manager)."""
+    def staging(self, *, bulk: bool = False) -> Any:
+        """A local :class:`~adapterbank.bank.blobs.Staging` folder for files on their way in (a context manager).
+        ``bulk``: a batch of many files — its ``sync_mode`` may be ``"batch"``, and then ``sync()`` must be called
+        before any of its files is :meth:`put`."""
         ...
 
     def put(self, staged: Path, sha: str, size: int, token: str) -> None:

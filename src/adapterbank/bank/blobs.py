@@ -2,7 +2,9 @@
 
 A file enters the store in two steps (docs/design.md §5.1):
 
-1. *staging*: it is copied into ``<bank>/tmp/<token>/`` while its sha256 is computed, then fsynced.
+1. *staging*: it is copied into ``<bank>/tmp/<token>/`` while its sha256 is computed, then fsynced — or,
+   in a bulk ingest (``staging(bulk=True)``), made durable for the whole batch at once by :meth:`Staging.sync`
+   (one ``syncfs`` of the bank's file system instead of one ``fsync`` per file) before any of it is placed.
    The staging folder belongs to a live writer as long as that writer holds an ``flock`` on
    ``<bank>/tmp/<token>.lock``; the kernel drops the lock when the process dies (even by ``kill -9``),
    which is how :meth:`BlobStore.clean_stale` tells crashed leftovers from work in progress.
@@ -62,6 +64,35 @@ def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
+def _syncfs(path: Path) -> bool:
+    """``syncfs(2)`` on the file system holding ``path``: True if done, False where unavailable (not Linux)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            _LIBC = lib if hasattr(lib, "syncfs") else False
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC is False:
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _LIBC.syncfs(fd) != 0:
+            import ctypes
+
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
+    finally:
+        os.close(fd)
+    return True
+
+
+_LIBC: Any = None
+
+
 def _copy_hashing(src: IO[bytes], dst: IO[bytes], *, fsync: bool = True) -> tuple[str, int]:
     """Copy ``src`` to ``dst`` in chunks; (sha256 hex digest, size) of what was copied. ``fsync``: flush to disk."""
     h = hashlib.sha256()
@@ -77,10 +108,21 @@ def _copy_hashing(src: IO[bytes], dst: IO[bytes], *, fsync: bool = True) -> tupl
 
 
 class Staging:
-    """A private folder under ``<bank>/tmp`` owned by this process while the ``flock`` is held."""
+    """A private folder under ``<bank>/tmp`` owned by this process while the ``flock`` is held.
 
-    def __init__(self, tmp_root: Path) -> None:
+    ``sync``: how staged files become durable — ``"fsync"`` (each file as it is staged), ``"batch"`` (none as
+    they are staged; :meth:`sync` makes them all durable, and must be called before they are placed) or
+    ``"none"`` (a staging whose files are verified again on their way out, e.g. before an upload).
+    """
+
+    SYNC_MODES = ("fsync", "batch", "none")
+
+    def __init__(self, tmp_root: Path, *, sync: str = "fsync") -> None:
+        if sync not in self.SYNC_MODES:
+            raise ValueError(f"sync must be one of {self.SYNC_MODES}. Got {sync!r} instead.")
         tmp_root.mkdir(parents=True, exist_ok=True)
+        self.sync_mode = sync
+        self._unsynced: list[Path] = []
         self.token = uuid.uuid4().hex
         self.dir = tmp_root / self.token
         self._lock_path = tmp_root / f"{self.token}.lock"
@@ -95,12 +137,28 @@ class Staging:
         self.dir.mkdir()
 
     def stage_file(self, src: Path, rel: str) -> tuple[Path, str, int]:
-        """Copy ``src`` to ``<staging>/<rel>`` (fsynced); return (path, sha256, size)."""
+        """Copy ``src`` to ``<staging>/<rel>`` (fsynced unless the mode says otherwise); return (path, sha256, size)."""
         dst = self.dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(src, "rb") as fi, open(dst, "xb") as fo:
-            sha, size = _copy_hashing(fi, fo)
+            sha, size = _copy_hashing(fi, fo, fsync=self.sync_mode == "fsync")
+        if self.sync_mode == "batch":
+            self._unsynced.append(dst)
         return dst, sha, size
+
+    def sync(self) -> None:
+        """Make every file staged so far durable: one ``syncfs`` of the staging's file system where the OS has
+        it (Linux), else an ``fsync`` per file. A no-op when nothing is pending."""
+        pending, self._unsynced = self._unsynced, []
+        if not pending:
+            return
+        if not _syncfs(self.dir):
+            for f in pending:
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -157,8 +215,9 @@ class BlobStore:
         """:meth:`place` (the :class:`~adapterbank.bank.backend.BlobBackend` name; ``size`` is known from staging)."""
         self.place(staged, sha, token)
 
-    def staging(self) -> Staging:
-        return Staging(self.tmp)
+    def staging(self, *, bulk: bool = False) -> Staging:
+        """A staging folder; ``bulk``: its files are made durable together by :meth:`Staging.sync`."""
+        return Staging(self.tmp, sync="batch" if bulk else "fsync")
 
     def exists(self, sha: str, size: int | None = None) -> bool:
         try:

@@ -153,9 +153,11 @@ class FsspecBlobStore:
                          f"{self.location} is reachable and that the credentials allow it, then run again.")
 
     # -- the BlobBackend protocol -----------------------------------------------------------------
-    def staging(self) -> Staging:
-        """A local staging folder (a context manager) for files on their way in."""
-        return Staging(self.staging_dir)
+    def staging(self, *, bulk: bool = False) -> Staging:
+        """A local staging folder (a context manager) for files on their way in. Its files are not fsynced: the
+        staging is a local cache, and :meth:`put` re-hashes each file before its upload. ``bulk``: accepted for
+        the :class:`~adapterbank.bank.backend.BlobBackend` interface (nothing to batch here)."""
+        return Staging(self.staging_dir, sync="none")
 
     def put(self, staged: Path, sha: str, size: int, token: str) -> None:
         """Store the staged file under its final name ``sha``, complete or not at all.

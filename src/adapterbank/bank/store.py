@@ -44,7 +44,7 @@ from adapterbank._io import (
     validate_name,
     writing,
 )
-from adapterbank._validation import MAX_K, check_k
+from adapterbank._validation import MAX_K, check_k, is_lora_adapter
 from adapterbank._versions import versions
 from adapterbank.bank.backend import CARD_COLUMNS, BlobBackend, CardRow, CatalogBackend, Entry
 from adapterbank.bank.blobs import BlobStore, Staging
@@ -65,11 +65,11 @@ from adapterbank.errors import (
     UnknownNameError,
     UnsafeFileError,
 )
-from adapterbank.lora import LoraAdapter
 from adapterbank.prototypes.space import Prototype, PrototypeSpace
 
 if TYPE_CHECKING:
     from adapterbank.bank.ingest import IngestItem, IngestReport
+    from adapterbank.lora import LoraAdapter
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def is_url(path: object) -> bool:
     (True, False, False)
     """
     return isinstance(path, str) and _URL.match(path) is not None
+
 
 
 BLOBS = "blobs"
@@ -470,7 +471,7 @@ class Bank:
             raise FormatError(f"The 'prototype' of add must be a Prototype. Got {type(prototype).__name__} instead.")
         if format is not None:
             formats.get_format(format)  # an unknown name raises UnknownNameError listing the valid ones
-        if isinstance(source, LoraAdapter):
+        if is_lora_adapter(source):
             if id is None:
                 raise InvalidNameError("An 'id' is required when adding a LoraAdapter object (it has no file name).")
             src: Path | LoraAdapter = source
@@ -492,7 +493,7 @@ class Bank:
         the card's ``versions`` (default: :func:`versions` now; it reads package metadata, ~4 ms)."""
         files_sub, conv_sub = (sub, f"{sub}-conv") if sub else ("files", "conv")
         src_path = req.src_path
-        if isinstance(req.source, LoraAdapter):
+        if is_lora_adapter(req.source):
             bm_given = self._resolve_base_model(req.source.base_model, req.base_model, req.id)
             fmt, layout, staged, adapter = self._stage_object(st, req.source, bm_given, sub=files_sub)
         else:

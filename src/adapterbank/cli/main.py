@@ -294,6 +294,7 @@ def _add_many(bank: str, sources: list[str], manifest: Path | None, *, encoder: 
     from rich.markup import escape
 
     from adapterbank.bank.ingest import IngestItem, Refusal, expand_sources, read_manifest
+    from adapterbank.bank.store import is_url
     from adapterbank.cli.render import err
 
     defaults: dict[str, Any] = {"tags": csv_list(tags), "base_model": base, "license": license, "format": format}
@@ -320,6 +321,12 @@ def _add_many(bank: str, sources: list[str], manifest: Path | None, *, encoder: 
                          workers=workers, encoder=enc, progress=advance, allow_pickle=allow_pickle)
     if enc is not None and rep.encoded:
         b.remember_encoder(enc.space.key, spec)
+    if rep.added and not is_url(bank):
+        # Bring the persisted search index up to date now, so that the next `search`/`compose` process starts
+        # at once instead of paying for it (an ANN graph over 1e6 prototypes takes minutes to build).
+        for space in b.spaces():
+            with err.status(f"indexing {space.key}") if sys.stderr.isatty() else contextlib.nullcontext():
+                b.index(space)
     rep.refused += empty
     if json_out:
         print_json(rep.to_dict())

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from adapterbank.errors import FormatError, NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
-from adapterbank.lora import LoraModule, lora_scale
+from adapterbank.lora import LoraModule, all_finite, lora_scale
 
 logger = logging.getLogger(__name__)
 
@@ -185,15 +185,9 @@ def target_matches(cfg: Mapping[str, Any], module: str) -> bool:
 def check_tensor_finite(t: torch.Tensor, key: str, where: str) -> None:
     """Raise :class:`NonFiniteError` naming ``key`` and ``where`` if ``t`` holds NaN or Inf.
 
-    Fast path: NaN and Inf propagate through a sum (~8× faster than ``isfinite().all()`` on bf16); only a
-    non-finite sum (NaN/Inf present, or an overflow) triggers the exact element-wise check.
+    (:func:`~adapterbank.lora.all_finite`: a sum first, the element-wise check only when the sum is not finite.)
     """
-    if not t.is_floating_point() or t.numel() == 0:
-        return
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if bool(torch.isfinite(t.sum(dtype=acc))):
-        return
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NonFiniteError(f"Tensor {key!r} in {where} contains NaN or Inf.")
 
 
