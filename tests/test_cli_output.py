@@ -101,6 +101,14 @@ def test_help_does_not_import_torch() -> None:
     assert rc == 0 and "--prototype" in out and heavy == []
 
 
+def test_search_with_a_prototype_imports_no_torch(bank: Path) -> None:
+    """A cold ``search --prototype`` (the library-scale path: persisted index, no tensors) stays numpy-only."""
+    rc, heavy, out = _modules_after(["search", str(bank / "bank"), "--prototype", str(bank / "target.npy"), "-k", "2"])
+    assert rc == 0, out
+    assert min(_distances(), key=_distances().get) in out
+    assert heavy == []
+
+
 def test_grasp_group_still_lists_its_commands() -> None:
     r = cli("grasp", "--help")
     assert r.returncode == 0, r.stderr
