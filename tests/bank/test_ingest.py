@@ -259,36 +259,46 @@ def test_report_to_dict_and_summary() -> None:
 
 def test_a_batch_is_made_durable_once_before_any_blob_is_placed(tmp_path: Path, loras: list[Path],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bulk staging skips the per-file fsync; one barrier per batch comes before the first blob gets its final
-    name, and the committed blobs are the staged bytes."""
-    from adapterbank.bank import blobs
+    """Bulk staging skips the per-file fsync: one barrier per batch for the staged bytes comes before the first
+    blob gets its final name, and one for the blob folders before the catalog commit; the committed blobs are
+    the staged bytes."""
+    from adapterbank.bank import blobs, catalog
 
     events: list[str] = []
-    real_sync, real_put = blobs.Staging.sync, blobs.BlobStore.put
+    real_sync, real_place, real_commit = blobs.Staging.sync, blobs.BlobStore.place, catalog.Catalog.commit
     fsynced: list[int] = []
     real_fsync = os.fsync
 
-    def sync(self: blobs.Staging) -> None:
-        events.append(f"sync:{len(self._unsynced)}")
-        real_sync(self)
+    def sync(self: blobs.Staging, dirs: Any = ()) -> None:
+        dirs = list(dirs)
+        events.append(f"sync:{len(self._unsynced)}+{len(dirs)}")
+        real_sync(self, dirs)
 
-    def put(self: blobs.BlobStore, staged: Path, sha: str, size: int, token: str) -> None:
-        events.append("put")
-        real_put(self, staged, sha, size, token)
+    def place(self: blobs.BlobStore, *a: Any, **kw: Any) -> Path:
+        events.append("place")
+        return real_place(self, *a, **kw)
+
+    def commit(self: catalog.Catalog, *a: Any, **kw: Any) -> Any:
+        events.append("commit")
+        return real_commit(self, *a, **kw)
 
     monkeypatch.setattr(blobs.Staging, "sync", sync)
-    monkeypatch.setattr(blobs.BlobStore, "put", put)
+    monkeypatch.setattr(blobs.BlobStore, "place", place)
+    monkeypatch.setattr(catalog.Catalog, "commit", commit)
     monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
     bank = Bank.init(tmp_path / "bank")
     fsynced.clear()
     rep = bank.add_many([IngestItem(p) for p in loras], batch_size=4, workers=3)
     assert rep.ok and len(rep.added) == 7
-    # two batches (4 + 3): each starts with its barrier over all its staged files, then places its blobs
-    assert events == ["sync:4"] + ["put"] * 4 + ["sync:3"] + ["put"] * 3
+    # two batches (4 + 3): the staged files' barrier, the blobs placed, a barrier for their folders, the commit
+    folders = [len({bank._blobs.path(sha).parent for p in batch for sha in bank.get(p.stem).files.values()})
+               for batch in (loras[:4], loras[4:])]
+    assert events == (["sync:4+0"] + ["place"] * 4 + [f"sync:0+{folders[0]}", "commit"]
+                      + ["sync:3+0"] + ["place"] * 3 + [f"sync:0+{folders[1]}", "commit"])
     assert bank.verify().ok
     assert all(bank.load_adapter(p.stem).n_params > 0 for p in loras)
-    # the staged files were not fsynced one by one (only folders and the catalog are)
-    assert len(fsynced) < 7 * 2
+    # neither the staged files nor the blob folders were fsynced one by one
+    assert fsynced == []
 
 
 def test_without_syncfs_the_barrier_fsyncs_each_staged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

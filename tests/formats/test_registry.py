@@ -197,3 +197,20 @@ def test_unregistered_format_is_gone(tmp_path: Path) -> None:
         read_adapter(tmp_path / "a", format="toy")
     with pytest.raises(FormatError, match="Cannot tell the adapter format"):
         detect_format(tmp_path / "a")  # toy.json is no format's marker any more; toy.safetensors has toy keys
+
+
+def test_a_registered_formats_nan_weights_are_refused_on_read_and_add(toy: Format, tmp_path: Path) -> None:
+    """The built-in readers check finiteness as they parse; a plugin's reader need not: read_adapter checks."""
+    from adapterbank.errors import NonFiniteError
+
+    bad = adapter(3)
+    name = next(iter(bad.modules))
+    bad.modules[name].B[0, 0] = float("nan")
+    src = tmp_path / "nan-toy"
+    write_adapter(bad, src, format="toy")
+    with pytest.raises(NonFiniteError, match=f"module {name}"):
+        read_adapter(src)
+    bank = Bank.init(tmp_path / "bank")
+    with pytest.raises(NonFiniteError):
+        bank.add(src, id="nan-toy")
+    assert bank.list() == []

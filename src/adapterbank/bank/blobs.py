@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -146,11 +146,13 @@ class Staging:
             self._unsynced.append(dst)
         return dst, sha, size
 
-    def sync(self) -> None:
-        """Make every file staged so far durable: one ``syncfs`` of the staging's file system where the OS has
-        it (Linux), else an ``fsync`` per file. A no-op when nothing is pending."""
+    def sync(self, dirs: Iterable[Path] = ()) -> None:
+        """Make every file staged so far, and the entries of ``dirs`` (folders renamed or linked into), durable:
+        one ``syncfs`` of the staging's file system where the OS has it (Linux), else an ``fsync`` per file and
+        folder. A no-op when nothing is pending."""
         pending, self._unsynced = self._unsynced, []
-        if not pending:
+        dirs = sorted(set(dirs))
+        if not pending and not dirs:
             return
         if not _syncfs(self.dir):
             for f in pending:
@@ -159,6 +161,8 @@ class Staging:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+            for d in dirs:
+                fsync_dir(d)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -226,11 +230,12 @@ class BlobStore:
             return False
         return size is None or st.st_size == size
 
-    def place(self, staged: Path, sha: str, token: str) -> None:
-        """Give the fully written, fsynced ``staged`` file its final name.
+    def place(self, staged: Path, sha: str, token: str, *, durable: bool = True) -> Path:
+        """Give the fully written, fsynced ``staged`` file its final name; returns the blob's folder.
 
         An existing blob of that name is replaced too (atomically, by identical content), which repairs a
-        blob damaged on disk when the same content is added again.
+        blob damaged on disk when the same content is added again. ``durable=False``: the folder is not
+        fsynced (the caller makes it durable, e.g. with :meth:`Staging.sync`, before anything refers to it).
         """
         final = self.path(sha)
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -253,7 +258,9 @@ class BlobStore:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
+        return final.parent
 
     def copy_verified(self, sha: str, dst: Path, *, what: str) -> int:
         """Copy blob ``sha`` to ``dst`` while re-hashing it; :class:`IntegrityError` on mismatch or absence."""

@@ -9,7 +9,7 @@ Per batch of ``batch_size`` items:
 | 1 | main thread | check each item's arguments; look up whether the bank has its id (one indexed query) |
 | 2 | ``workers`` threads | stage (copy + sha256, no fsync yet) and parse each adapter; for an id the bank has, only hash its files first |
 | 3 | main thread | meanwhile: encode the batch's new descriptions in one ``encoder.encode(texts)``; then ``samples`` |
-| 4 | main thread | one durability barrier for the batch's staged files (``syncfs``, else an fsync per file), then place the blobs |
+| 4 | main thread | a durability barrier for the batch's staged files (``syncfs``, else an fsync per file), place the blobs, a barrier for their folders |
 | 5 | main thread | one catalog transaction for the batch (per item only if a concurrent writer took one of its ids) |
 
 The workers stage batch ``b`` (and ``b + 1``) while the main thread encodes batch ``b``, then commits it. Threads
@@ -272,14 +272,18 @@ def _prepare_one(bank: Bank, b: _Batch, sub: str, item: IngestItem, req: _AddReq
     return _Result("add", item, req, entry, staged)
 
 
-def _place(bank: Bank, b: _Batch, staged: _Staged) -> None:
-    """Give the staged blobs their final names, each sha once per batch (a worker thread; Bank._commit re-checks
-    them under the writer lock)."""
+def _place(bank: Bank, b: _Batch, staged: _Staged) -> set[Path]:
+    """Give the staged blobs their final names, each sha once per batch (a worker thread, or the main thread after
+    the batch's sync barrier; Bank._commit re-checks them under the writer lock). A batch-synced staging places
+    without an fsync per blob folder: it returns the folders, which the caller syncs in one barrier."""
     with b.lock:
         mine = [(p, sha, size) for p, sha, size in staged.values() if sha not in b.placed]
         b.placed.update(sha for _, sha, _ in mine)
+    if b.st.sync_mode == "batch":
+        return {bank._blobs.place(p, sha, b.st.token, durable=False) for p, sha, _ in mine}
     for p, sha, size in mine:
         bank._blobs.put(p, sha, size, b.st.token)
+    return set()
 
 
 # -- descriptions, encoded in batches ---------------------------------------------------------------------
@@ -417,9 +421,9 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
             with writing(bank._local_dir, what="to the bank", nothing="nothing more was added",
                          hide=bank._staging_dir):
                 if b.st.sync_mode == "batch" and to_add:
-                    b.st.sync()  # one barrier for the batch: only durable bytes get a final name
-                    for r in to_add:
-                        _place(bank, b, r.staged)  # type: ignore[arg-type]
+                    b.st.sync()  # one barrier for the batch's bytes: only durable content gets a final name
+                    folders = set().union(*(_place(bank, b, r.staged) for r in to_add))  # type: ignore[arg-type]
+                    b.st.sync(folders)  # and one for the names, before the catalog refers to them
                 _commit_batch(bank, b.st, to_add, replace, report)
         except BaseException:
             _drop(b)

@@ -570,8 +570,7 @@ class Bank:
             staged[rel] = st.stage_file(Path(p), f"{sub}/{rel}")
         read_root = st.dir / sub / (src.name if layout == "file" else "")
         try:
-            adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)
-            adapter.check_finite()
+            adapter = formats.read_adapter(read_root, format=fmt, allow_pickle=allow_pickle)  # checks finite
         except AdapterbankError as e:  # name the user's files, not our staging copy of them
             renamed = renamed_paths(e, {read_root: given, st.dir / sub: src if layout == "dir" else src.parent})
             if renamed is e:
@@ -592,8 +591,7 @@ class Bank:
         for rel, p in formats.adapter_files(out, "peft").items():
             rel = _check_rel_name(rel, str(out))
             staged[rel] = st.stage_file(p, f"{sub}/{rel}")
-        back = formats.read_adapter(st.dir / sub, format="peft")
-        back.check_finite()
+        back = formats.read_adapter(st.dir / sub, format="peft")  # checks finite
         return "peft", "dir", staged, back
 
     @staticmethod

@@ -389,8 +389,18 @@ def read_adapter(
     >>> a.metadata["format"], a.modules["model.fc"].delta()[0, 0].item()
     ('peft', 4.0)
     """
-    fmt = _get(format)
-    p = Path(path)
+    adapter = _read_adapter(Path(path), _get(format), allow_pickle, module_names, caps)
+    if adapter.metadata.get("format") not in _CHECK_FINITE_ON_READ:
+        adapter.check_finite()  # a registered plugin format: its reader may not check
+    return adapter
+
+
+#: The built-in readers check every tensor finite as they build it (formats/_lora_config.check_tensor_finite).
+_CHECK_FINITE_ON_READ = frozenset({"peft", "kohya", "diffusers", "grasp_residual"})
+
+
+def _read_adapter(p: Path, fmt: Format | None, allow_pickle: bool, module_names: Iterable[str] | None,
+                  caps: Mapping[str, int]) -> LoraAdapter:
     if not p.exists():
         raise FormatError(f"No adapter at {p}.")
     fmt = fmt or _by_names(p)
