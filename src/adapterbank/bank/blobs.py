@@ -188,7 +188,7 @@ class BlobStore:
     >>> src = d / "w.bin"; _ = src.write_bytes(b"weights")
     >>> with store.staging() as st:
     ...     staged, sha, size = st.stage_file(src, "w.bin")
-    ...     store.place(staged, sha, st.token)
+    ...     _ = store.place(staged, sha, st.token)
     >>> store.path(sha).read_bytes(), list(store.iter_blobs()) == [sha]
     (b'weights', True)
     """

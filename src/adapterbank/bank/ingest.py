@@ -361,7 +361,7 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
 
     >>> import tempfile, torch
     >>> from adapterbank.bank import Bank
-    >>> from adapterbank.lora import LoraModule
+    >>> from adapterbank.lora import LoraAdapter, LoraModule
     >>> bank = Bank.init(tempfile.mkdtemp())
     >>> ad = LoraAdapter({"fc": LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0, (2, 3))})
     >>> ingest(bank, [IngestItem(ad, id=f"a{i}") for i in range(5)], batch_size=2).added

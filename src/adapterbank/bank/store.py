@@ -223,7 +223,7 @@ class Bank:
     """A bank of LoRA adapters with task prototypes, stored in one directory.
 
     >>> import tempfile, torch
-    >>> from adapterbank.lora import LoraModule
+    >>> from adapterbank.lora import LoraAdapter, LoraModule
     >>> bank = Bank.init(tempfile.mkdtemp() + "/bank")
     >>> space = PrototypeSpace("toy", None, "mean", False, 2)
     >>> for i, v in enumerate([[0.0, 0.0], [1.0, 0.0], [0.0, 3.0]]):
@@ -438,7 +438,7 @@ class Bank:
 
         >>> import tempfile, torch
         >>> from adapterbank.bank.ingest import IngestItem
-        >>> from adapterbank.lora import LoraModule
+        >>> from adapterbank.lora import LoraAdapter, LoraModule
         >>> bank = Bank.init(tempfile.mkdtemp() + "/bank")
         >>> ad = LoraAdapter({"fc": LoraModule(torch.ones(1, 3), torch.ones(2, 1), 1.0, (2, 3))}, "toy-base")
         >>> rep = bank.add_many([IngestItem(ad, id="a"), IngestItem(ad, id="b"), IngestItem("nowhere.safetensors")])
