@@ -4,6 +4,7 @@ through s3fs, plus memory:// and file://). Server cases skip only when the serve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Callable
@@ -234,6 +235,9 @@ def test_blob_store_round_trip(blobs: Any, tmp_path: Path) -> None:
     assert not st.dir.exists()
     assert blobs.exists(sha) and blobs.exists(sha, size) and not blobs.exists(sha, size - 1)
     assert blobs.size(sha) == size and sha in blobs.name(sha)
+    absent = hashlib.sha256(b"never stored").hexdigest()
+    assert blobs.missing({}) == set() and blobs.missing({sha: size}) == set()
+    assert blobs.missing({sha: size, absent: 3}) == {absent} and blobs.missing({sha: size + 1, absent: 3}) == {sha, absent}
     assert list(blobs.iter_blobs()) == [sha] and blobs.check(sha) is None
     assert blobs.copy_verified(sha, tmp_path / "out" / "w", what="adapter 'a'") == size
     assert (tmp_path / "out" / "w").read_bytes() == data

@@ -188,6 +188,10 @@ class BlobBackend(Protocol):
 
     def exists(self, sha: str, size: int | None = None) -> bool: ...
 
+    def missing(self, blobs: Mapping[str, int]) -> set[str]:
+        """The shas of ``blobs`` (sha -> size) that are absent or of another size (one call for a batch)."""
+        ...
+
     def name(self, sha: str) -> str:
         """Where blob ``sha`` lives (a path or URL), for messages."""
         ...

@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -229,6 +229,10 @@ class BlobStore:
         except FileNotFoundError:
             return False
         return size is None or st.st_size == size
+
+    def missing(self, blobs: Mapping[str, int]) -> set[str]:
+        """The shas of ``blobs`` (sha -> size) that are absent or of another size."""
+        return {sha for sha, size in blobs.items() if not self.exists(sha, size)}
 
     def place(self, staged: Path, sha: str, token: str, *, durable: bool = True) -> Path:
         """Give the fully written, fsynced ``staged`` file its final name; returns the blob's folder.

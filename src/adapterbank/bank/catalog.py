@@ -423,17 +423,24 @@ class Catalog:
         if space_key is not None:
             where.append("a.id IN (SELECT adapter_id FROM prototypes WHERE space_key = ?)")
             params.append(space_key)
+        # ids: looked up through the primary keys (json_each: any number of ids as one bound parameter)
+        only, only_params = "", []
+        if ids is not None:
+            where.append("a.id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps([str(i) for i in ids]))
+            only, only_params = " WHERE adapter_id IN (SELECT value FROM json_each(?))", [params[-1]]
         sql = f"SELECT {', '.join('a.' + k for k in CARD_COLUMNS)} FROM adapters a"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        want = None if ids is None else set(ids)
         with self.read() as c:
-            rows = [r for r in c.execute(sql + " ORDER BY a.id", params) if want is None or r[0] in want]
+            rows = list(c.execute(sql + " ORDER BY a.id", params))
             files: dict[str, dict[str, str]] = {}
-            for aid, name, sha in c.execute("SELECT adapter_id, name, sha256 FROM files ORDER BY adapter_id, name"):
+            for aid, name, sha in c.execute(f"SELECT adapter_id, name, sha256 FROM files{only} "
+                                            "ORDER BY adapter_id, name", only_params):
                 files.setdefault(aid, {})[name] = sha
             spaces: dict[str, list[str]] = {}
-            for aid, key in c.execute("SELECT adapter_id, space_key FROM prototypes ORDER BY adapter_id, space_key"):
+            for aid, key in c.execute(f"SELECT adapter_id, space_key FROM prototypes{only} "
+                                      "ORDER BY adapter_id, space_key", only_params):
                 spaces.setdefault(aid, []).append(key)
         return [CardRow(dict(zip(CARD_COLUMNS, r, strict=True)), files.get(r[0], {}), spaces.get(r[0], []))
                 for r in rows]

@@ -6,7 +6,7 @@ Per batch of ``batch_size`` items:
 
 | step | where | what |
 |---|---|---|
-| 1 | main thread | check each item's arguments; look up whether the bank has its id (one indexed query) |
+| 1 | main thread | check each item's arguments; look up which of the batch's ids the bank has (one query) |
 | 2 | ``workers`` threads | stage (copy + sha256, no fsync yet) and parse each adapter; for an id the bank has, only hash its files first |
 | 3 | main thread | meanwhile: encode the batch's new descriptions in one ``encoder.encode(texts)``; then ``samples`` |
 | 4 | main thread | a durability barrier for the batch's staged files (``syncfs``, else an fsync per file), place the blobs, a barrier for their folders |
@@ -380,10 +380,11 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
     pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adapterbank-ingest")
 
     def start(items_b: list[IngestItem]) -> _Batch:
-        """Check the items, look up their ids, and hand the staging to the workers."""
+        """Check the items, look up their ids (one query for the batch), and hand the staging to the workers."""
         b = _Batch(bank._blobs.staging(bulk=True), items_b)
         try:
-            for k, it in enumerate(items_b):
+            checked: list[_AddRequest | _Result] = []
+            for it in items_b:
                 if not isinstance(it, IngestItem):
                     raise ParameterError(f"add_many takes IngestItem rows. Got {type(it).__name__} instead.")
                 try:
@@ -393,10 +394,16 @@ def ingest(bank: Bank, items: Iterable[IngestItem], *, replace: bool = False, ba
                     if it.samples is not None and encoder is None and it.prototype is None:
                         raise ParameterError("samples were given but the run has no encoder to compute their "
                                              "prototype; pass encoder=.")
+                    checked.append(req)
                 except (AdapterbankError, OSError) as e:
-                    b.futures.append(_Result("refused", it, refusal=_refusal(it, it.id, e)))
+                    checked.append(_Result("refused", it, refusal=_refusal(it, it.id, e)))
+            wanted = [c.id for c in checked if not isinstance(c, _Result)]
+            found = {cr.row["id"]: cr for cr in bank._cat.cards(ids=wanted)} if wanted else {}
+            for k, (it, req) in enumerate(zip(items_b, checked, strict=True)):
+                if isinstance(req, _Result):
+                    b.futures.append(req)
                     continue
-                cr = bank._cat.card(req.id)  # an indexed lookup (cards(ids=) would scan the catalog)
+                cr = found.get(req.id)
                 if (encoder is not None and it.description is not None and it.prototype is None
                         and it.samples is None and (cr is None or replace)):
                     b.to_encode.append(k)

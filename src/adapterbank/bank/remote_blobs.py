@@ -23,6 +23,7 @@ naming the URL (never the credentials); damaged or missing content is :class:`~a
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import hashlib
 import logging
@@ -224,6 +225,16 @@ class FsspecBlobStore:
         if info is None or info.get("type", "file") != "file":
             return False
         return size is None or int(info.get("size", -1)) == size
+
+    def missing(self, blobs: Mapping[str, int]) -> set[str]:
+        """The shas of ``blobs`` (sha -> size) that are absent or of another size: the lookups run concurrently
+        (one HEAD request each; a batch of 256 would otherwise wait for 256 round trips in a row)."""
+        items = list(blobs.items())
+        if len(items) <= 1:
+            return {sha for sha, size in items if not self.exists(sha, size)}
+        with cf.ThreadPoolExecutor(max_workers=min(16, len(items)), thread_name_prefix="adapterbank-head") as ex:
+            present = list(ex.map(lambda kv: self.exists(*kv), items))
+        return {sha for (sha, _), ok in zip(items, present, strict=True) if not ok}
 
     def size(self, sha: str) -> int | None:
         info = self._info(sha)

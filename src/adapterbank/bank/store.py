@@ -536,9 +536,9 @@ class Bank:
                 self._blobs.put(p, sha, size, st.token)
 
         def recheck() -> None:
-            for sha, (p, size) in blobs.items():
-                if not self._blobs.exists(sha, size):
-                    self._blobs.put(p, sha, size, st.token)
+            for sha in sorted(self._blobs.missing({sha: size for sha, (_, size) in blobs.items()})):
+                p, size = blobs[sha]
+                self._blobs.put(p, sha, size, st.token)
 
         return self._cat.commit([e for e, _ in batch], replace=replace, under_lock=recheck)
 
