@@ -1,8 +1,10 @@
 """GRASP on long-tailed Fashion-MNIST, from a base that already generates the domain (issue #13).
 
-    python bench/grasp_longtail.py                       # default size, CPU, 2 worker processes (see BENCHMARKS.md)
-    python bench/grasp_longtail.py --size small          # smoke run (≈1–3 min; tests/bench/test_grasp_longtail_smoke.py)
-    python bench/grasp_longtail.py --size large --device cuda --workers 1     # a GPU (prepared, not run here)
+    OMP_NUM_THREADS=1 python bench/grasp_longtail.py     # default: 8 methods × 3 seeds, 2 worker processes;
+                                                         # 33 min on 2 shared cores with the base cached, ≈48 min
+                                                         # from an empty cache (pre-training 11.5 min, evaluator 3 min)
+    python bench/grasp_longtail.py --size small          # smoke run (≈1.5–3 min; tests/bench/test_grasp_longtail_smoke.py)
+    python bench/grasp_longtail.py --size large --device cuda      # a GPU, 1 process (prepared, not run: no GPU)
 
 Why this setting. The previous version pre-trained on MNIST digits and fine-tuned 400 steps on Fashion-MNIST-LT:
 the generators never learned the target domain (full fine-tuning reached tail conditional accuracy 0.34, samples
@@ -19,11 +21,14 @@ of the domain that has not seen the fine label space*:
    *shoes & bags* (Sandal, Sneaker, Ankle boot, Bag). It has seen every kind of image of the domain but never a
    fine label; no coarse class is a single fine class. The label table has 10 fine slots (unused in pre-training),
    3 coarse slots and the null (CFG) slot.
-3. **New vocabulary** (per seed): fine class c's label embedding starts as its coarse parent's embedding plus a
-   frozen Gaussian offset of the same scale (``embedding_offset``), so the ten fine labels are distinct inputs that
-   start near the concept the base knows — like new tokens of a frozen text encoder. Adapter methods keep the
-   whole base frozen, label tables included (GRASP and every adapter baseline train only FFN adapters, at the
-   same FFN sites a user's DiT has); full fine-tuning trains everything, label tables included.
+3. **New vocabulary** (per seed, :func:`new_vocabulary`): fine class c's label embedding starts as its coarse
+   parent's embedding plus a seeded Gaussian offset of the same scale, so the ten fine labels are distinct inputs
+   that start near the concept the base knows. GRASP and every adapter baseline train their FFN adapters (at the
+   same FFN sites a user's DiT has) **plus the ten new label rows** of each block (DiffFit-style;
+   :class:`WithNewLabels`; the coarse and null rows and the rest of the base stay frozen); full fine-tuning trains
+   everything. A pilot with frozen new rows left the adapters unable to tell the classes of one group apart
+   (GRASP-tiers head conditional accuracy 0.52 after 500 steps, seed 0), which measures the decoding of random
+   codes, not the long tail.
 4. **Fine-tuning** on a long-tailed subset of the LT pool with fine labels: classes in a seeded order,
    n_c = n_max · 100^(−rank/9) (imbalance 100). Every method gets the same steps, batch size and batches:
    full fine-tuning; one shared residual adapter at rank r and a parameter-matched one at rank K·r; learned
@@ -977,7 +982,7 @@ def report(out: dict[str, Any]) -> str:
         curves = list(ft["curve"].values())
         for i, rec in enumerate(curves[0]):
             recs = [c[i] for c in curves if i < len(c)]
-            def mean(f): return float(np.mean([f(r) for r in recs]))  # noqa: E306
+            def mean(f, recs=recs): return float(np.mean([f(r) for r in recs]))
             L.append(f"| {rec['step']} | " + " | ".join(f"{mean(lambda r, k=k: r['grad_cos']['pairs'][k]):+.3f}"
                                                        for k in ("head-medium", "head-tail", "medium-tail"))
                      + " | " + " | ".join(f"{mean(lambda r, t=t: r['grad_cos']['intra'][t]):+.3f}" for t in TIERS)
