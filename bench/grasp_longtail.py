@@ -615,6 +615,9 @@ def run_job(seed: int, method: str) -> dict[str, Any]:
     S = _SHARED
     cfg, data, dev = S["cfg"], S["data"], S["device"]
     torch.set_num_threads(S["threads"])
+    # the global RNG (DiT's label dropout draws from it) must not depend on which worker runs the job, nor on what
+    # ran before in it (e.g. a pre-training in the parent process)
+    torch.manual_seed(1000 * seed + METHODS.index(method))
     t0 = time.perf_counter()
     split = lt_split(data, cfg, seed)
     parts = partitions(split, cfg, seed, S["kmeans_emb"])
