@@ -1,8 +1,8 @@
 """GRASP on long-tailed Fashion-MNIST, from a base that already generates the domain (issue #13).
 
     OMP_NUM_THREADS=1 python bench/grasp_longtail.py     # default: 8 methods × 3 seeds, 2 worker processes;
-                                                         # 33 min on 2 shared cores with the base cached, ≈48 min
-                                                         # from an empty cache (pre-training 11.5 min, evaluator 3 min)
+                                                         # 26 min on 2 cores with the base cached, ≈41 min from
+                                                         # an empty cache (pre-training 11.5 min, evaluator 3 min)
     python bench/grasp_longtail.py --size small          # smoke run (≈1.5–3 min; tests/bench/test_grasp_longtail_smoke.py)
     python bench/grasp_longtail.py --size large --device cuda      # a GPU, 1 process (prepared, not run: no GPU)
 
