@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine, quiet_logging, load_test_servers
+from _machine import load_test_servers, machine, quiet_logging
 
 K = 10
 N_MODELS = 10

@@ -94,7 +94,7 @@ from torch import nn
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when imported by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine, quiet_logging
-from _metrics import frechet
+from _metrics import frechet, vendi
 
 log = logging.getLogger("loo_synthesis")
 
@@ -690,18 +690,6 @@ def classify(net: SmallCNN, x: torch.Tensor | np.ndarray) -> tuple[np.ndarray, n
     xt = torch.as_tensor(np.asarray(x, dtype=np.float32)).reshape(-1, 1, IMG, IMG)
     f = torch.cat([net.features(xt[s:s + 1000]) for s in range(0, len(xt), 1000)])
     return f.double().numpy(), torch.softmax(net.head(f), 1).double().numpy()
-
-
-# ----- metrics -----------------------------------------------------------------------------------------------
-
-
-def vendi(feats: np.ndarray) -> float:
-    """Vendi score (Friedman & Dieng, 2023) with the cosine kernel: exp(entropy of the eigenvalues of K/n),
-    computed from the d×d dual XᵀX/n of the row-normalised features (= ``vendi_score.vendi.score_dual``)."""
-    X = feats / (np.linalg.norm(feats, axis=1, keepdims=True) + 1e-12)
-    lam = np.clip(np.linalg.eigvalsh(X.T @ X / len(X)), 0, None)
-    lam = lam[lam > 1e-12]
-    return float(np.exp(-(lam * np.log(lam)).sum()))
 
 
 # ----- methods -----------------------------------------------------------------------------------------------

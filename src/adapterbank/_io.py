@@ -90,6 +90,15 @@ def validate_name(name: object, what: str = "id") -> str:
     return name
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file already written and closed (errors propagate: its content may not be durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so a rename inside it survives a crash (no-op where unsupported)."""
     try:
@@ -324,11 +333,7 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under ``root`` (whoever wrote them), so the rename publishes durable content."""
     for d, _dirs, files in os.walk(root):
         for f in files:
-            fd = os.open(os.path.join(d, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(d, f))
         fsync_dir(Path(d))
 
 

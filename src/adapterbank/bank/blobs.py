@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from adapterbank._io import fsync_dir
+from adapterbank._io import fsync_dir, fsync_file
 from adapterbank.errors import IntegrityError
 
 try:  # POSIX advisory locks; elsewhere stale staging folders are recognised by age
@@ -156,11 +156,7 @@ class Staging:
             return
         if not _syncfs(self.dir):
             for f in pending:
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(f)
             for d in dirs:
                 fsync_dir(d)
 

@@ -90,7 +90,6 @@ def is_url(path: object) -> bool:
     return isinstance(path, str) and _URL.match(path) is not None
 
 
-
 BLOBS = "blobs"
 TMP = "tmp"
 #: Settings key prefix of the encoder spec of each prototype space (Bank.remember_encoder).

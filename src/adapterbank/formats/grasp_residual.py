@@ -26,7 +26,7 @@ from adapterbank._io import atomic_write_bytes
 from adapterbank.errors import FormatError, ShapeMismatchError
 from adapterbank.formats.peft import member
 from adapterbank.formats.safetensors_io import load_file, save_file
-from adapterbank.lora import AdapterModule, LoraAdapter, ResidualModule
+from adapterbank.lora import AdapterModule, LoraAdapter, ResidualModule, all_finite
 
 __all__ = [
     "CONFIG_NAME",
@@ -124,7 +124,7 @@ def read_grasp_residual(path: str | Path, **caps: int) -> LoraAdapter:
         if suf is None:
             raise FormatError(f"{files[WEIGHTS_NAME]}: unknown tensor key {key!r} (expected <site>.grasp_down.weight "
                               "or <site>.grasp_up.weight).")
-        if not bool(t.isfinite().all()):
+        if not all_finite(t):
             raise FormatError(f"{files[WEIGHTS_NAME]}: tensor {key!r} contains NaN or Inf.")
         factors.setdefault(key[: -len(suf)], {})[_SUFFIX[suf]] = t
     mods_cfg = cfg["modules"]
